@@ -1,0 +1,167 @@
+"""Training configuration: one frozen dataclass and the command-line flags that fill it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass
+
+from hvdmri.distributed import env_rank
+from hvdmri.model import BASE_STAGES
+
+PRECISIONS = ("auto", "float32", "mixed_bfloat16")
+
+EXAMPLES = """examples:
+  # 4 nodes, one worker each, ImageNet weights downloaded once into ~/.keras:
+  horovodrun -np 4 -H node1:1,node2:1,node3:1,node4:1 python -m hvdmri.train \\
+      --data Training --run-dir runs/resnet50
+
+  # one node, 2 workers, no download, 96 px images:
+  horovodrun -np 2 -H localhost:2 python -m hvdmri.train --data Training \\
+      --weights none --image-size 96 --run-dir runs/scratch96
+
+  # without --data: the synthetic phantom set, generated once into ~/.cache/hvdmri
+  python -m hvdmri.train --weights none --image-size 64 --scratch-epochs 4
+"""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run; saved as RUN_DIR/config.json."""
+
+    data: str | None = None
+    run_dir: str | None = None
+    weights: str = "imagenet"
+    image_size: int = 224
+    batch_size: int = 16
+    val_fraction: float = 0.1
+    seed: int = 42
+    limit_per_class: int | None = None
+    # Phase 1: head only, base frozen.
+    head_epochs: int = 3
+    head_lr: float = 1e-3
+    # Phase 2: the top stages of the base train too, at a low rate.
+    finetune_epochs: int = 8
+    finetune_lr: float = 1e-4
+    finetune_from: str = "conv5"
+    # Phase 3 (optional): everything trains.
+    full_epochs: int = 0
+    full_lr: float = 1e-5
+    # With --weights none the phases above are replaced by one phase of the whole network.
+    scratch_epochs: int = 12
+    scratch_lr: float = 1e-3
+    warmup_epochs: float = 1.0
+    augment: bool = True
+    precision: str = "auto"
+    threads: int | None = None
+    fp16_allreduce: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, printed by rank 0 only."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if env_rank() == 0:
+            print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _image_size(text: str) -> int:
+    value = int(text)
+    if value < 32:
+        raise argparse.ArgumentTypeError(f"ResNet-50 needs at least 32 pixels, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m hvdmri.train",
+        description="Train a 4-class brain MRI tumor classifier (ResNet-50) data-parallel with Horovod.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d = TrainConfig()
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", help="training folder with one subfolder per class "
+                      "(glioma, meningioma, notumor, pituitary); default: the synthetic phantom set")
+    data.add_argument("--image-size", type=_image_size, default=d.image_size,
+                      help=f"side of the square model input in pixels (default {d.image_size})")
+    data.add_argument("--val-fraction", type=_fraction, default=d.val_fraction,
+                      help=f"stratified validation share (default {d.val_fraction})")
+    data.add_argument("--seed", type=int, default=d.seed, help=f"split, shuffle and init seed (default {d.seed})")
+    data.add_argument("--limit-per-class", type=_positive_int, default=None,
+                      help="use at most this many images per class (for quick trials)")
+    data.add_argument("--no-augment", dest="augment", action="store_false",
+                      help="turn off flip/rotation/zoom/brightness augmentation")
+
+    model = parser.add_argument_group("model and phases")
+    model.add_argument("--weights", default=d.weights,
+                       help="imagenet (download via Keras), none (random initialisation), "
+                            "or PATH to a local ResNet-50 no-top weights file (default imagenet)")
+    model.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                       help=f"images per worker per step; the global batch is this times the "
+                            f"number of workers (default {d.batch_size})")
+    model.add_argument("--head-epochs", type=_non_negative_int, default=d.head_epochs,
+                       help=f"phase 1 epochs: head only, base frozen (default {d.head_epochs})")
+    model.add_argument("--head-lr", type=float, default=d.head_lr,
+                       help=f"phase 1 learning rate per worker (default {d.head_lr})")
+    model.add_argument("--finetune-epochs", type=_non_negative_int, default=d.finetune_epochs,
+                       help=f"phase 2 epochs: top stages of the base train too (default {d.finetune_epochs})")
+    model.add_argument("--finetune-lr", type=float, default=d.finetune_lr,
+                       help=f"phase 2 learning rate per worker (default {d.finetune_lr})")
+    model.add_argument("--finetune-from", choices=BASE_STAGES[1:], default=d.finetune_from,
+                       help=f"first ResNet-50 stage that trains in phase 2 (default {d.finetune_from})")
+    model.add_argument("--full-epochs", type=_non_negative_int, default=d.full_epochs,
+                       help=f"phase 3 epochs: the whole network trains (default {d.full_epochs})")
+    model.add_argument("--full-lr", type=float, default=d.full_lr,
+                       help=f"phase 3 learning rate per worker (default {d.full_lr})")
+    model.add_argument("--scratch-epochs", type=_non_negative_int, default=d.scratch_epochs,
+                       help=f"with --weights none: epochs of whole-network training, replacing "
+                            f"phases 1-3 (default {d.scratch_epochs})")
+    model.add_argument("--scratch-lr", type=float, default=d.scratch_lr,
+                       help=f"with --weights none: learning rate per worker (default {d.scratch_lr})")
+    model.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
+                       help=f"epochs over which the learning rate ramps from the single-worker "
+                            f"rate to the scaled rate (default {d.warmup_epochs})")
+
+    runtime = parser.add_argument_group("run and runtime")
+    runtime.add_argument("--run-dir", help="output folder (default runs/run-YYYYmmdd-HHMMSS)")
+    runtime.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                         help="auto: mixed_bfloat16 on CPUs with AVX512_BF16 or AMX, else float32 "
+                              "(default auto)")
+    runtime.add_argument("--threads", type=_positive_int, default=None,
+                         help="intra-op threads per worker (default: the node's cores divided by "
+                              "its workers)")
+    runtime.add_argument("--fp16-allreduce", action="store_true",
+                         help="send gradients as float16 in the allreduce (halves network traffic)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    args = build_parser().parse_args(argv)
+    return TrainConfig(**vars(args))

@@ -1,0 +1,121 @@
+"""Horovod set-up and the rank-0 helpers every command shares.
+
+Only rank 0 owns log handlers and progress bars; the other ranks get a logger
+with a NullHandler, so library code can log without checking its rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+LOGGER_NAME = "hvdmri"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Workers:
+    """Where this process sits in the job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_size: int
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+
+def env_rank() -> int:
+    """Return the rank horovodrun gave this process, before hvd.init() runs (0 when alone)."""
+    for name in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
+
+
+def setup_horovod(threads: int | None = None) -> Workers:
+    """Initialise Horovod and TensorFlow's thread pools; return this worker's place.
+
+    Args:
+        threads: intra-op threads for this worker. Defaults to the node's cores divided
+            by the workers on the node, so several slots on one node never oversubscribe it.
+    """
+    import horovod.tensorflow.keras as hvd
+    import tensorflow as tf
+
+    hvd.init()
+    workers = Workers(hvd.rank(), hvd.local_rank(), hvd.size(), hvd.local_size())
+
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // workers.local_size)
+    # Thread pools can only be sized before TensorFlow runs its first op.
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(2)
+    setup_logging(workers.rank)
+    get_logger().info(
+        "Horovod ready: world_size=%d, local_size=%d, %d intra-op threads per worker",
+        workers.world_size, workers.local_size, threads,
+    )
+    return workers
+
+
+def setup_logging(rank: int, level: int = logging.INFO) -> logging.Logger:
+    """Give the hvdmri logger a console handler on rank 0 and a NullHandler elsewhere."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.handlers.clear()
+    logger.propagate = False
+    if rank == 0:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(level)
+    else:
+        logger.addHandler(logging.NullHandler())
+        logger.setLevel(logging.CRITICAL + 1)
+    return logger
+
+
+def get_logger() -> logging.Logger:
+    return logging.getLogger(LOGGER_NAME)
+
+
+def run_on_chief(workers: Workers, fn: Callable[[], T], what: str) -> T:
+    """Run fn on rank 0 only and hand its result, or its failure, to every rank.
+
+    A rank that failed alone would leave the others waiting forever in the next
+    collective, so the outcome is broadcast and every rank raises the same error.
+    """
+    import horovod.tensorflow.keras as hvd
+
+    outcome: tuple[bool, Any] = (True, None)
+    if workers.is_chief:
+        try:
+            outcome = (True, fn())
+        except (OSError, ValueError, RuntimeError) as error:
+            outcome = (False, f"{error}")
+    if workers.world_size > 1:
+        outcome = hvd.broadcast_object(outcome, root_rank=0, name=f"run_on_chief.{what}")
+    ok, value = outcome
+    if not ok:
+        raise UsageError(value)
+    return value
+
+
+def allreduce_sum(values: list[float], name: str) -> list[float]:
+    """Sum a list of numbers over all ranks (identity when running alone)."""
+    import horovod.tensorflow as hvd
+    import numpy as np
+
+    if hvd.size() == 1:
+        return [float(v) for v in values]
+    summed = hvd.allreduce(np.asarray(values, dtype=np.float64), op=hvd.Sum, name=name)
+    return [float(v) for v in summed.numpy()]
+
+
+class UsageError(Exception):
+    """Bad input the user can fix: printed as one line, exit code 2, no traceback."""

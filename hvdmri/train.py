@@ -1,0 +1,329 @@
+"""Train the ResNet-50 MRI classifier data-parallel with Horovod.
+
+    horovodrun -np 4 -H node1:1,node2:1,node3:1,node4:1 python -m hvdmri.train --data Training
+    horovodrun -np 2 -H localhost:2 python -m hvdmri.train --weights none --image-size 64
+    python -m hvdmri.train --data Training            # one worker, no horovodrun
+
+Rank 0 lists the data, splits it and creates the run folder, then hands the plan
+to every rank; each rank trains on its own shard with the same number of steps.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from hvdmri.config import TrainConfig, parse_args
+from hvdmri.distributed import UsageError, Workers, env_rank, get_logger, run_on_chief, setup_horovod
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One stage of transfer learning: which base layers train, for how long, how fast."""
+
+    name: str
+    epochs: int
+    lr: float
+    train_from: str | None  # first trainable ResNet-50 stage; None: base frozen
+    freeze_batchnorm: bool
+
+
+def plan_phases(config: TrainConfig) -> list[Phase]:
+    """Return the phases with at least one epoch, in order."""
+    if config.weights == "none":
+        phases = [Phase("scratch", config.scratch_epochs, config.scratch_lr, "conv1", False)]
+    else:
+        phases = [
+            Phase("head", config.head_epochs, config.head_lr, None, True),
+            Phase("finetune", config.finetune_epochs, config.finetune_lr, config.finetune_from, True),
+            Phase("full", config.full_epochs, config.full_lr, "conv1", True),
+        ]
+    phases = [phase for phase in phases if phase.epochs > 0]
+    if not phases:
+        flags = "--scratch-epochs" if config.weights == "none" else "--head-epochs/--finetune-epochs/--full-epochs"
+        raise UsageError(f"nothing to train: {flags} are all 0")
+    return phases
+
+
+def resolve_precision(choice: str) -> str:
+    """Return the Keras dtype policy for --precision (auto: bf16 where the CPU has it)."""
+    if choice != "auto":
+        return choice
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "float32"
+    return "mixed_bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
+def prepare_run(config: TrainConfig, world_size: int) -> dict:
+    """Rank 0: list and split the data, check it fits the job, create the run folder.
+
+    Returns the plan every rank follows: paths relative to the data root, labels,
+    split indices and the run folder.
+    """
+    from hvdmri import runs
+    from hvdmri.data.listing import list_images
+    from hvdmri.data.split import stratified_split
+
+    data_root = resolve_data_root(config)
+    listing = list_images(data_root)
+    paths, labels = listing.paths, listing.labels
+    if config.limit_per_class:
+        taken: dict[int, int] = {}
+        kept = []
+        for i, label in enumerate(labels):
+            taken[label] = taken.get(label, 0) + 1
+            if taken[label] <= config.limit_per_class:
+                kept.append(i)
+        paths, labels = [paths[i] for i in kept], [labels[i] for i in kept]
+    train_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed)
+    if len(train_idx) < world_size:
+        raise UsageError(f"-np {world_size} is larger than the {len(train_idx)} training images "
+                         f"in {data_root}: every worker needs at least one image")
+
+    run_dir = Path(config.run_dir or f"runs/run-{datetime.datetime.now():%Y%m%d-%H%M%S}").resolve()
+    if (run_dir / runs.MODEL_FILE).exists():
+        raise UsageError(f"--run-dir {run_dir} already holds a finished run ({runs.MODEL_FILE}); "
+                         f"choose another folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runs.write_json(run_dir / runs.CLASSES_FILE, {"class_names": list(listing.class_names)})
+    return {
+        "data_root": str(data_root),
+        "class_names": listing.class_names,
+        "paths": paths,
+        "labels": labels,
+        "skipped": listing.skipped,
+        "train_idx": train_idx.tolist(),
+        "val_idx": val_idx.tolist(),
+        "run_dir": str(run_dir),
+    }
+
+
+def resolve_data_root(config: TrainConfig) -> Path:
+    """Return --data, or the phantom set's Training folder (generated on first use)."""
+    if config.data:
+        return Path(config.data).resolve()
+    from hvdmri.data.synth import ensure_phantom_set
+
+    return ensure_phantom_set() / "Training"
+
+
+def check_data_on_every_rank(workers: Workers, config: TrainConfig, plan: dict) -> Path:
+    """Make sure every rank sees the data rank 0 listed; return this rank's data root.
+
+    Nodes without a shared folder hold their own copy at the same path; the
+    phantom set is generated locally where it is missing.
+    """
+    import horovod.tensorflow as hvd
+
+    problem = None
+    try:
+        root = resolve_data_root(config) if not config.data else Path(plan["data_root"])
+        for relative in (plan["paths"][0], plan["paths"][-1]):
+            if not (root / relative).is_file():
+                problem = f"{root / relative} not found"
+                break
+    except OSError as error:
+        root, problem = Path(plan["data_root"]), str(error)
+    if workers.world_size > 1:
+        reports = hvd.allgather_object((workers.rank, socket.gethostname(), problem), name="data_check")
+    else:
+        reports = [(0, socket.gethostname(), problem)]
+    failed = [(rank, host, text) for rank, host, text in reports if text]
+    if failed:
+        rank, host, text = failed[0]
+        raise UsageError(f"rank {rank} on {host} cannot read the training data: {text} "
+                         f"(every node needs the data folder at the same path)")
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    try:
+        train(config)
+    except UsageError as error:
+        if env_rank() == 0:
+            print(f"hvdmri.train: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def train(config: TrainConfig) -> Path:
+    """Run every phase and write the run folder; return its path."""
+    workers = setup_horovod(config.threads)
+    log = get_logger()
+
+    import horovod.tensorflow.keras as hvd
+    import numpy as np
+    import tensorflow as tf
+
+    from hvdmri import runs
+    from hvdmri.callbacks import EpochLogger, GlobalValidation, RunRecorder, cosine_multiplier
+    from hvdmri.data.pipeline import make_dataset
+    from hvdmri.data.split import shard, steps_per_epoch
+    from hvdmri.model import build_model, resolve_weights, set_trainable
+
+    phases = plan_phases(config)
+    plan = run_on_chief(workers, lambda: prepare_run(config, workers.world_size), "prepare_run")
+    data_root = check_data_on_every_rank(workers, config, plan)
+    run_dir = Path(plan["run_dir"])
+    config = replace(config, run_dir=str(run_dir), data=str(data_root) if config.data else None)
+    class_names = tuple(plan["class_names"])
+    if workers.is_chief:
+        runs.write_json(run_dir / runs.CONFIG_FILE, {
+            **config.to_dict(), "data_root": plan["data_root"], "world_size": workers.world_size,
+            "class_names": list(class_names), "train_images": len(plan["train_idx"]),
+            "val_images": len(plan["val_idx"]), "skipped_files": plan["skipped"],
+        })
+    for relative, reason in plan["skipped"]:
+        log.warning("skipped %s: %s", relative, reason)
+
+    precision = resolve_precision(config.precision)
+    tf.keras.mixed_precision.set_global_policy(precision)
+    log.info("precision: %s%s", precision, " (CPU has bf16 support)" if config.precision == "auto"
+             and precision != "float32" else "")
+    # The same seed on every rank gives identical initial weights; rank 0's are
+    # broadcast anyway, the seed only makes runs repeatable.
+    tf.keras.utils.set_random_seed(config.seed)
+
+    # Data: this rank's shard of the training and validation sets.
+    paths = [str(data_root / p) for p in plan["paths"]]
+    labels = np.asarray(plan["labels"], np.int32)
+    train_idx = shard(np.asarray(plan["train_idx"], int), workers.rank, workers.world_size)
+    val_idx = shard(np.asarray(plan["val_idx"], int), workers.rank, workers.world_size)
+    steps = steps_per_epoch(len(plan["train_idx"]), workers.world_size, config.batch_size)
+    train_ds = make_dataset([paths[i] for i in train_idx], labels[train_idx].tolist(), config.image_size,
+                            config.batch_size, training=True, seed=config.seed + workers.rank,
+                            augment=config.augment)
+    val_ds = make_dataset([paths[i] for i in val_idx], labels[val_idx].tolist(), config.image_size,
+                          config.batch_size, training=False)
+    log.info("data: %s, %d training and %d validation images, classes %s",
+             plan["data_root"], len(plan["train_idx"]), len(plan["val_idx"]), ", ".join(class_names))
+    log.info("global batch %d = %d workers x %d; %d steps per epoch", workers.world_size * config.batch_size,
+             workers.world_size, config.batch_size, steps)
+
+    # Model: only rank 0 downloads ImageNet weights; the others wait, then read the cached file.
+    weights = resolve_weights(config.weights)
+    if weights == "imagenet":
+        run_on_chief(workers, lambda: build_model(len(class_names), config.image_size, "imagenet") and None,
+                     "download_weights")
+    model = build_model(len(class_names), config.image_size, weights)
+    if weights is None:
+        log.info("--weights none: a frozen random base would learn nothing, so the whole network "
+                 "trains from the start (%d epochs)", phases[0].epochs)
+
+    total_epochs = sum(phase.epochs for phase in phases)
+    history: list[dict] = []
+    best: dict = {}
+    compression = hvd.Compression.fp16 if config.fp16_allreduce else hvd.Compression.none
+    epoch = 0
+    started = time.time()
+    for number, phase in enumerate(phases):
+        trainable = set_trainable(model, phase.train_from, phase.freeze_batchnorm)
+        # Horovod: scale the learning rate by the number of workers, since the
+        # global batch is world_size times larger.
+        scaled_lr = phase.lr * workers.world_size
+        optimizer = hvd.DistributedOptimizer(tf.keras.optimizers.Adam(scaled_lr), compression=compression)
+        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        log.info("phase %d/%d '%s': epochs %d-%d, %d trainable base layers, lr %.2e (%.2e x %d workers)",
+                 number + 1, len(phases), phase.name, epoch + 1, epoch + phase.epochs, trainable,
+                 scaled_lr, phase.lr, workers.world_size)
+
+        end = epoch + phase.epochs
+        callbacks = [
+            # Horovod: start every rank from rank 0's weights and optimizer state.
+            hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+            # Horovod: average the training metrics over ranks (equal step counts make
+            # this the mean over all images seen).
+            hvd.callbacks.MetricAverageCallback(),
+            GlobalValidation(val_ds),
+        ]
+        decay_start = epoch
+        if number == 0 and config.warmup_epochs > 0:
+            # Horovod: ramp up from the single-worker rate; a large scaled rate from
+            # step one destabilises early training.
+            warmup = min(config.warmup_epochs, phase.epochs)
+            callbacks.append(hvd.callbacks.LearningRateWarmupCallback(
+                initial_lr=scaled_lr, warmup_epochs=warmup, steps_per_epoch=steps, verbose=0))
+            decay_start = epoch + warmup
+        callbacks.append(hvd.callbacks.LearningRateScheduleCallback(
+            initial_lr=scaled_lr, multiplier=cosine_multiplier(decay_start, end, floor=0.01),
+            start_epoch=decay_start, end_epoch=end, staircase=False, steps_per_epoch=steps))
+        if workers.is_chief:
+            callbacks += [
+                EpochLogger(total_epochs, phase.name, steps, workers.world_size * config.batch_size),
+                RunRecorder(run_dir, phase.name, history, best),
+            ]
+        model.fit(train_ds, initial_epoch=epoch, epochs=end, steps_per_epoch=steps, callbacks=callbacks,
+                  verbose=1 if (workers.is_chief and sys.stdout.isatty()) else 0)
+        epoch = end
+
+    log.info("training finished in %.1f min", (time.time() - started) / 60)
+    finish_run(workers, model, config, plan, run_dir, best, precision)
+    return run_dir
+
+
+def finish_run(workers: Workers, model, config: TrainConfig, plan: dict, run_dir: Path,
+               best: dict, precision: str) -> None:
+    """Restore the best epoch's weights, save the final model, write validation metrics."""
+    import horovod.tensorflow as hvd
+    import numpy as np
+    import tensorflow as tf
+
+    from hvdmri import runs
+    from hvdmri.data.pipeline import make_dataset
+    from hvdmri.data.split import shard
+    from hvdmri.inference import gather_by_index, predict_shard
+    from hvdmri.metrics import classification_metrics
+    from hvdmri.model import build_model
+
+    log = get_logger()
+    best_path = run_dir / runs.CHECKPOINT_DIR / "best.weights.h5"
+    if workers.is_chief and plan["val_idx"]:
+        model.load_weights(str(best_path))
+        log.info("final model: weights of epoch %d (%s), the best val_accuracy %.4f",
+                 best.get("epoch", 0), best.get("phase", "?"), best.get("val_accuracy", math.nan))
+    if workers.world_size > 1:
+        # Horovod: the other ranks take rank 0's restored weights.
+        hvd.broadcast_variables(model.variables, root_rank=0)
+
+    metrics = {"precision": precision}
+    if plan["val_idx"]:
+        val_all = np.asarray(plan["val_idx"], int)
+        val_idx = shard(val_all, workers.rank, workers.world_size)
+        root = Path(config.data) if config.data else Path(plan["data_root"])
+        dataset = make_dataset([str(root / plan["paths"][i]) for i in val_idx],
+                               [plan["labels"][i] for i in val_idx], config.image_size,
+                               config.batch_size, training=False, with_index=True)
+        local_positions, probabilities = predict_shard(model, dataset)
+        ids, probabilities = gather_by_index(val_idx[local_positions], probabilities, workers.world_size)
+        y_true = np.asarray(plan["labels"])[ids]
+        metrics.update(classification_metrics(y_true, probabilities, plan["class_names"]))
+        metrics["unreadable_images"] = int(len(val_all) - len(ids))
+
+    if workers.is_chief:
+        # The saved model is float32 and carries no optimizer, so evaluate and
+        # predict load it with plain Keras on any CPU.
+        tf.keras.mixed_precision.set_global_policy("float32")
+        clean = build_model(len(plan["class_names"]), config.image_size, weights=None)
+        clean.set_weights(model.get_weights())
+        with runs.atomic_path(run_dir / runs.MODEL_FILE) as temporary:
+            clean.save(str(temporary))
+        runs.write_json(run_dir / runs.METRICS_FILE, metrics)
+        if "accuracy" in metrics:
+            log.info("validation: accuracy %.4f, balanced accuracy %.4f, glioma recall %.4f, "
+                     "no-tumor precision %.4f (%d images)", metrics["accuracy"], metrics["balanced_accuracy"],
+                     metrics.get("glioma_recall", math.nan), metrics.get("notumor_precision", math.nan),
+                     metrics["support"])
+        log.info("run folder: %s", run_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Shared fixtures: small image folders, real-data location, horovodrun helpers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = REPO.parent / "shared" / "data" / "brain-tumor-mri"
+HOROVODRUN = Path(sys.executable).with_name("horovodrun")
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def write_image(path: Path, image: np.ndarray) -> Path:
+    """Write an image with OpenCV (BGR order for colour arrays)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, encoded = cv2.imencode(path.suffix if path.suffix.lower() != ".jpeg" else ".jpg", image)
+    assert ok, f"could not encode {path}"
+    path.write_bytes(encoded.tobytes())
+    return path
+
+
+@pytest.fixture
+def phantom_dir(tmp_path) -> Path:
+    """A tiny training folder: 8 phantoms per class at 64 px."""
+    from hvdmri.data.synth import write_phantoms
+
+    return write_phantoms(tmp_path / "Training", per_class=8, image_size=64, seed=3)
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    if not (REAL_DATA / "Training").is_dir():
+        pytest.skip(f"real MRI images not found at {REAL_DATA} (only present in the development checkout)")
+    return REAL_DATA
+
+
+def clean_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env.update({"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}, **extra)
+    # Tests run from any folder; the package must import from this checkout.
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_module(args: list[str], timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m ...` as a subprocess and capture its output."""
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
+                          env=clean_env(), cwd=cwd)
+
+
+def horovodrun(np_: int, command: list[str], timeout: float = 900, cwd: Path | None = None,
+               extra: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run command on np_ local workers through horovodrun's Gloo controller."""
+    if not HOROVODRUN.exists() and not shutil.which("horovodrun"):
+        pytest.skip("horovodrun not installed (run launch/setup.sh)")
+    launcher = str(HOROVODRUN) if HOROVODRUN.exists() else shutil.which("horovodrun")
+    argv = [launcher, "--gloo", "-np", str(np_), "-H", f"localhost:{np_}", "--start-timeout", "60",
+            *(extra or []), sys.executable, *command]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=clean_env(), cwd=cwd)
+
+
+def rank_lines(output: str, rank: int) -> list[str]:
+    """Lines horovodrun prefixed with this rank ("[1]<stdout>:..." under Gloo)."""
+    prefix = f"[{rank}]<"
+    return [line for line in output.splitlines() if line.startswith(prefix)]
