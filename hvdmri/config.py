@@ -51,6 +51,7 @@ class TrainConfig:
     # With --weights none the phases above are replaced by one phase of the whole network.
     scratch_epochs: int = 12
     scratch_lr: float = 1e-3
+    scratch_bn_momentum: float = 0.9
     warmup_epochs: float = 1.0
     augment: bool = True
     precision: str = "auto"
@@ -145,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                             f"phases 1-3 (default {d.scratch_epochs})")
     model.add_argument("--scratch-lr", type=float, default=d.scratch_lr,
                        help=f"with --weights none: learning rate per worker (default {d.scratch_lr})")
+    model.add_argument("--scratch-bn-momentum", type=float, default=d.scratch_bn_momentum,
+                       help=f"with --weights none: BatchNormalization moving-average momentum "
+                            f"(Keras uses 0.99; default {d.scratch_bn_momentum})")
     model.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
                        help=f"epochs over which the learning rate ramps from the single-worker "
                             f"rate to the scaled rate (default {d.warmup_epochs})")

@@ -90,7 +90,7 @@ def run_on_chief(workers: Workers, fn: Callable[[], T], what: str) -> T:
     A rank that failed alone would leave the others waiting forever in the next
     collective, so the outcome is broadcast and every rank raises the same error.
     """
-    import horovod.tensorflow.keras as hvd
+    import horovod.tensorflow as hvd
 
     outcome: tuple[bool, Any] = (True, None)
     if workers.is_chief:

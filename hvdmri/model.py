@@ -101,3 +101,16 @@ def set_trainable(model: tf.keras.Model, from_stage: str | None, freeze_batchnor
         layer.trainable = trainable
         count += int(trainable and bool(layer.weights))
     return count
+
+
+def set_batchnorm_momentum(model: tf.keras.Model, momentum: float) -> None:
+    """Set the moving-average momentum of every BatchNormalization layer.
+
+    Keras' ResNet-50 uses 0.99, which averages over about 100 steps. Trained from
+    random weights on a few hundred steps, the moving statistics then trail the
+    fast-changing weights and validation collapses to one class; a lower momentum
+    lets them follow.
+    """
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            layer.momentum = momentum

@@ -168,7 +168,7 @@ def train(config: TrainConfig) -> Path:
     from hvdmri.callbacks import EpochLogger, GlobalValidation, RunRecorder, cosine_multiplier
     from hvdmri.data.pipeline import make_dataset
     from hvdmri.data.split import shard, steps_per_epoch
-    from hvdmri.model import build_model, resolve_weights, set_trainable
+    from hvdmri.model import build_model, resolve_weights, set_batchnorm_momentum, set_trainable
 
     phases = plan_phases(config)
     plan = run_on_chief(workers, lambda: prepare_run(config, workers.world_size), "prepare_run")
@@ -216,8 +216,10 @@ def train(config: TrainConfig) -> Path:
                      "download_weights")
     model = build_model(len(class_names), config.image_size, weights)
     if weights is None:
+        set_batchnorm_momentum(model, config.scratch_bn_momentum)
         log.info("--weights none: a frozen random base would learn nothing, so the whole network "
-                 "trains from the start (%d epochs)", phases[0].epochs)
+                 "trains from the start (%d epochs, BatchNormalization momentum %g)",
+                 phases[0].epochs, config.scratch_bn_momentum)
 
     total_epochs = sum(phase.epochs for phase in phases)
     history: list[dict] = []

@@ -25,7 +25,7 @@ import numpy as np
 from hvdmri.data.listing import CLASS_NAMES
 
 # Bump when the drawing changes, so stale cached sets are not reused.
-PHANTOM_VERSION = 1
+PHANTOM_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -76,7 +76,7 @@ def phantom_image(class_name: str, image_size: int, rng: np.random.Generator) ->
     if class_name == "glioma":
         side = rng.choice([-1.0, 1.0])
         mu, mv = side * rng.uniform(0.3, 0.5), rng.uniform(-0.4, 0.3)
-        extent = rng.uniform(0.18, 0.28)
+        extent = rng.uniform(0.22, 0.32)
         # An irregular outline: the radius wobbles with a few low harmonics.
         theta = np.arctan2(v - mv, u - mu)
         wobble = 1.0 + sum(rng.uniform(0.08, 0.2) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
@@ -90,14 +90,14 @@ def phantom_image(class_name: str, image_size: int, rng: np.random.Generator) ->
         image[core] = 60
     elif class_name == "meningioma":
         theta = rng.uniform(0, 2 * np.pi)
-        extent = rng.uniform(0.14, 0.22)
+        extent = rng.uniform(0.18, 0.26)
         reach = brain_edge - extent * 0.8
         mu, mv = reach * math.cos(theta), reach * math.sin(theta)
         mass = (place(mu, mv, extent) <= 1.0) & (radius <= skull_inner)
         image[mass] = rng.uniform(205, 235)
     elif class_name == "pituitary":
-        extent = rng.uniform(0.07, 0.11)
-        mu, mv = rng.uniform(-0.03, 0.03), rng.uniform(0.45, 0.55)
+        extent = rng.uniform(0.10, 0.14)
+        mu, mv = rng.uniform(-0.03, 0.03), rng.uniform(0.42, 0.52)
         mass = place(mu, mv, extent) <= 1.0
         image[mass] = rng.uniform(200, 235)
     elif class_name != "notumor":
@@ -125,7 +125,7 @@ def write_phantoms(out_dir: str | os.PathLike, per_class: int, image_size: int =
     return out_dir
 
 
-def ensure_phantom_set(cache_dir: str | os.PathLike | None = None, per_class: int = 120,
+def ensure_phantom_set(cache_dir: str | os.PathLike | None = None, per_class: int = 200,
                        test_per_class: int = 30, image_size: int = 128, seed: int = 0) -> Path:
     """Return a folder with Training/ and Testing/ phantom sets, generating it once.
 
