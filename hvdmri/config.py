@@ -38,6 +38,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     seed: int = 42
     limit_per_class: int | None = None
+    exclude_duplicates_of: str | None = None
     # Phase 1: head only, base frozen.
     head_epochs: int = 3
     head_lr: float = 1e-3
@@ -117,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seed", type=int, default=d.seed, help=f"split, shuffle and init seed (default {d.seed})")
     data.add_argument("--limit-per-class", type=_positive_int, default=None,
                       help="use at most this many images per class (for quick trials)")
+    data.add_argument("--exclude-duplicates-of", metavar="TEST_DIR",
+                      help="leave out of training and validation every image that duplicates one in "
+                           "TEST_DIR (byte-identical, or re-encoded, rescaled or contrast-changed), so "
+                           "an evaluation on TEST_DIR measures images the model never saw")
     data.add_argument("--no-augment", dest="augment", action="store_false",
                       help="turn off flip/rotation/zoom/brightness augmentation")
 

@@ -63,18 +63,27 @@ def resolve_precision(choice: str) -> str:
 
 
 def prepare_run(config: TrainConfig, world_size: int) -> dict:
-    """Rank 0: list and split the data, check it fits the job, create the run folder.
+    """Rank 0: list, decode and split the data, check it fits the job, create the run folder.
 
     Returns the plan every rank follows: paths relative to the data root, labels,
     split indices and the run folder.
     """
     from hvdmri import runs
+    from hvdmri.data.duplicates import screen_training_images
     from hvdmri.data.listing import list_images
     from hvdmri.data.split import stratified_split
 
     data_root = resolve_data_root(config)
     listing = list_images(data_root)
-    paths, labels = listing.paths, listing.labels
+    started = time.time()
+    screened = screen_training_images(listing, config.exclude_duplicates_of)
+    paths, labels, groups = screened.paths, screened.labels, screened.groups
+    log = get_logger()
+    log.info("decoded %d images in %.1f s: %d undecodable, %d duplicate groups kept on one side of the split",
+             len(listing), time.time() - started, len(screened.skipped), screened.duplicate_group_count)
+    if config.exclude_duplicates_of:
+        log.info("--exclude-duplicates-of %s: left out %d training images that duplicate a test image",
+                 config.exclude_duplicates_of, len(screened.excluded))
     if config.limit_per_class:
         taken: dict[int, int] = {}
         kept = []
@@ -82,8 +91,8 @@ def prepare_run(config: TrainConfig, world_size: int) -> dict:
             taken[label] = taken.get(label, 0) + 1
             if taken[label] <= config.limit_per_class:
                 kept.append(i)
-        paths, labels = [paths[i] for i in kept], [labels[i] for i in kept]
-    train_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed)
+        paths, labels, groups = [paths[i] for i in kept], [labels[i] for i in kept], [groups[i] for i in kept]
+    train_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed, groups=groups)
     if len(train_idx) < world_size:
         raise UsageError(f"-np {world_size} is larger than the {len(train_idx)} training images "
                          f"in {data_root}: every worker needs at least one image")
@@ -99,7 +108,9 @@ def prepare_run(config: TrainConfig, world_size: int) -> dict:
         "class_names": listing.class_names,
         "paths": paths,
         "labels": labels,
-        "skipped": listing.skipped,
+        "skipped": listing.skipped + screened.skipped,
+        "excluded_duplicates": screened.excluded,
+        "duplicate_groups": screened.duplicate_group_count,
         "train_idx": train_idx.tolist(),
         "val_idx": val_idx.tolist(),
         "run_dir": str(run_dir),
@@ -166,7 +177,7 @@ def train(config: TrainConfig) -> Path:
 
     from hvdmri import runs
     from hvdmri.callbacks import EpochLogger, GlobalValidation, RunRecorder, cosine_multiplier
-    from hvdmri.data.pipeline import make_dataset
+    from hvdmri.data.pipeline import DecodeFailureReport, DecodeFailures, make_dataset
     from hvdmri.data.split import shard, steps_per_epoch
     from hvdmri.model import build_model, resolve_weights, set_batchnorm_momentum, set_trainable
 
@@ -181,6 +192,7 @@ def train(config: TrainConfig) -> Path:
             **config.to_dict(), "data_root": plan["data_root"], "world_size": workers.world_size,
             "class_names": list(class_names), "train_images": len(plan["train_idx"]),
             "val_images": len(plan["val_idx"]), "skipped_files": plan["skipped"],
+            "duplicate_groups": plan["duplicate_groups"], "excluded_duplicates": plan["excluded_duplicates"],
         })
     for relative, reason in plan["skipped"]:
         log.warning("skipped %s: %s", relative, reason)
@@ -199,11 +211,12 @@ def train(config: TrainConfig) -> Path:
     train_idx = shard(np.asarray(plan["train_idx"], int), workers.rank, workers.world_size)
     val_idx = shard(np.asarray(plan["val_idx"], int), workers.rank, workers.world_size)
     steps = steps_per_epoch(len(plan["train_idx"]), workers.world_size, config.batch_size)
+    decode_failures = DecodeFailures()
     train_ds = make_dataset([paths[i] for i in train_idx], labels[train_idx].tolist(), config.image_size,
                             config.batch_size, training=True, seed=config.seed + workers.rank,
-                            augment=config.augment)
+                            augment=config.augment, failures=decode_failures)
     val_ds = make_dataset([paths[i] for i in val_idx], labels[val_idx].tolist(), config.image_size,
-                          config.batch_size, training=False)
+                          config.batch_size, training=False, failures=decode_failures)
     log.info("data: %s, %d training and %d validation images, classes %s",
              plan["data_root"], len(plan["train_idx"]), len(plan["val_idx"]), ", ".join(class_names))
     log.info("global batch %d = %d workers x %d; %d steps per epoch", workers.world_size * config.batch_size,
@@ -246,6 +259,8 @@ def train(config: TrainConfig) -> Path:
             # this the mean over all images seen).
             hvd.callbacks.MetricAverageCallback(),
             GlobalValidation(val_ds),
+            # Every rank: the per-epoch count of undecodable images is an allgather.
+            DecodeFailureReport(decode_failures),
         ]
         decay_start = epoch
         if number == 0 and config.warmup_epochs > 0:

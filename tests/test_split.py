@@ -51,3 +51,76 @@ def test_shards_are_disjoint_and_cover_all():
 ])
 def test_steps_per_epoch_equal_for_every_rank(n_images, world_size, batch, expected):
     assert steps_per_epoch(n_images, world_size, batch) == expected
+
+
+def grouped_labels(seed: int = 0):
+    """100 images in 4 classes; every third image of a class shares a group with the next one."""
+    labels = [0] * 40 + [1] * 30 + [2] * 20 + [3] * 10
+    groups = list(range(100))
+    for i in range(0, 99, 3):
+        if labels[i] == labels[i + 1]:
+            groups[i + 1] = groups[i]
+    return labels, groups
+
+
+def test_unique_groups_give_the_plain_split():
+    labels = [0] * 40 + [1] * 30 + [2] * 20 + [3] * 10
+    plain = stratified_split(labels, 0.2, seed=5)
+    grouped = stratified_split(labels, 0.2, seed=5, groups=list(range(100, 200)))
+    assert np.array_equal(plain[0], grouped[0])
+    assert np.array_equal(plain[1], grouped[1])
+
+
+def test_groups_stay_on_one_side():
+    labels, groups = grouped_labels()
+    train, val = stratified_split(labels, 0.2, seed=1, groups=groups)
+    train_groups = {groups[i] for i in train}
+    val_groups = {groups[i] for i in val}
+    assert not train_groups & val_groups
+    assert sorted(np.concatenate([train, val]).tolist()) == list(range(100))
+
+
+def test_group_split_keeps_class_ratios():
+    labels, groups = grouped_labels()
+    _, val = stratified_split(labels, 0.2, seed=1, groups=groups)
+    counts = Counter(labels[i] for i in val)
+    # Quotas of 20 validation images: 8, 6, 4, 2. Groups of two can leave a class one short.
+    for label, quota in {0: 8, 1: 6, 2: 4, 3: 2}.items():
+        assert quota - 1 <= counts[label] <= quota, (label, counts)
+
+
+def test_group_split_is_deterministic_per_seed():
+    labels, groups = grouped_labels()
+    first = stratified_split(labels, 0.2, seed=4, groups=groups)
+    again = stratified_split(labels, 0.2, seed=4, groups=groups)
+    other = stratified_split(labels, 0.2, seed=5, groups=groups)
+    assert np.array_equal(first[1], again[1])
+    assert not np.array_equal(first[1], other[1])
+
+
+def test_group_larger_than_quota_goes_to_training():
+    labels = [0] * 12 + [1] * 12
+    groups = [0] * 10 + list(range(1, 15))  # ten class-0 images are one group
+    train, val = stratified_split(labels, 0.25, seed=0, groups=groups)
+    assert set(range(10)) <= set(train.tolist())
+    assert Counter(labels[i] for i in val) == {0: 2, 1: 3}
+
+
+def test_group_spanning_classes_counts_for_its_majority():
+    labels = [0, 0, 1] + [0] * 9 + [1] * 12
+    groups = [0, 0, 0] + list(range(1, 22))
+    train, val = stratified_split(labels, 0.25, seed=2, groups=groups)
+    assert {0, 1, 2} <= set(train.tolist()) or {0, 1, 2} <= set(val.tolist())
+    assert set(Counter(labels[i] for i in train)) == {0, 1}
+
+
+def test_group_split_keeps_every_class_in_training():
+    labels = [0, 0, 1, 1, 2, 2, 3, 3]
+    groups = [0, 0, 1, 2, 3, 4, 5, 6]
+    train, val = stratified_split(labels, 0.5, seed=0, groups=groups)
+    assert set(labels[i] for i in train) == {0, 1, 2, 3}
+
+
+def test_group_count_must_match_labels():
+    with pytest.raises(ValueError, match="groups has 3 entries for 8 labels"):
+        stratified_split([0, 1, 2, 3] * 2, 0.5, seed=0, groups=[0, 1, 2])

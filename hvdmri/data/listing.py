@@ -15,13 +15,21 @@ from pathlib import Path
 # prediction never depends on how a folder happens to sort.
 CLASS_NAMES = ("glioma", "meningioma", "notumor", "pituitary")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-# Files that file managers leave in class folders; skipped without a report.
+# Files that file managers leave in class folders: never read, only named in Listing.ignored.
 IGNORED_NAMES = {"thumbs.db", "desktop.ini"}
 
 # Leading bytes of the formats we read. A file whose header matches neither is
 # skipped at listing time, before any rank spends time decoding it.
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# End markers: JPEG's end-of-image marker and PNG's IEND chunk type. libjpeg (as
+# OpenCV 4.10 uses it) decodes a truncated JPEG without an error and fills the
+# missing rows with gray, so truncation is caught here instead. Encoders may
+# append bytes after the marker, hence a search of the tail, not of the last bytes.
+# NOTE: a file with more than _TAIL_BYTES after its end marker is skipped as truncated.
+_JPEG_END = b"\xff\xd9"
+_PNG_END = b"IEND"
+_TAIL_BYTES = 1024
 
 
 @dataclass
@@ -34,6 +42,8 @@ class Listing:
         paths: image paths relative to root, sorted, so every rank sees the same order.
         labels: one label per path.
         skipped: (relative path, reason) for every file that looked like an image but is not usable.
+        ignored: (relative path, reason) for hidden and system files, files without an
+            image extension and symbolic links to folders, which are never read.
     """
 
     root: Path
@@ -41,6 +51,7 @@ class Listing:
     paths: list[str] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    ignored: list[tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -69,10 +80,14 @@ def sniff_image(path: Path) -> str | None:
             return "empty file (0 bytes)"
         with open(path, "rb") as handle:
             head = handle.read(8)
+            handle.seek(max(0, size - _TAIL_BYTES))
+            tail = handle.read()
     except OSError as error:
         return f"unreadable: {error.strerror or error}"
-    if head.startswith(_JPEG_MAGIC) or head.startswith(_PNG_MAGIC):
-        return None
+    if head.startswith(_JPEG_MAGIC):
+        return None if _JPEG_END in tail else "truncated JPEG (no end-of-image marker)"
+    if head.startswith(_PNG_MAGIC):
+        return None if _PNG_END in tail else "truncated PNG (no IEND chunk)"
     return "not a JPEG or PNG file (unknown header)"
 
 
@@ -111,8 +126,11 @@ def list_images(root: str | os.PathLike, class_names: tuple[str, ...] | None = N
     for label, name in enumerate(class_names):
         if name not in found:
             continue
-        for relative in _walk_class_folder(root, name):
+        relatives, ignored = _walk_class_folder(root, name)
+        listing.ignored.extend(ignored)
+        for relative in relatives:
             if not relative.lower().endswith(IMAGE_EXTENSIONS):
+                listing.ignored.append((relative, "not an image extension (.jpg, .jpeg, .png)"))
                 continue
             reason = sniff_image(root / relative)
             if reason:
@@ -126,17 +144,33 @@ def list_images(root: str | os.PathLike, class_names: tuple[str, ...] | None = N
     if require_all:
         empty = [name for name, count in listing.counts().items() if count == 0]
         if empty:
-            raise ValueError(f"no usable images in class folder(s) {', '.join(empty)} under {root}")
+            skipped = sum(1 for relative, _ in listing.skipped if Path(relative).parts[0] in empty)
+            raise ValueError(f"no usable images in class folder(s) {', '.join(empty)} under {root} "
+                             f"({skipped} image files skipped there; "
+                             f"`python -m hvdmri.data check {root}` names them and the reasons)")
     return listing
 
 
-def _walk_class_folder(root: Path, class_name: str) -> list[str]:
-    """Return sorted relative paths of the visible files below one class folder."""
-    relatives = []
+def _walk_class_folder(root: Path, class_name: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """Return the sorted relative paths of the visible files below one class folder,
+    and (relative path, reason) for the entries the walk leaves out."""
+    relatives, ignored = [], []
     # followlinks=False: a symlink loop inside a class folder cannot trap the walk.
     for folder, subfolders, files in os.walk(root / class_name, followlinks=False):
-        subfolders[:] = [name for name in subfolders if not is_ignored(name)]
+        visible = []
+        for name in subfolders:
+            relative = os.path.relpath(os.path.join(folder, name), root)
+            if is_ignored(name):
+                ignored.append((relative + "/", "hidden or system folder"))
+            elif os.path.islink(os.path.join(folder, name)):
+                ignored.append((relative + "/", "symbolic link to a folder (not followed)"))
+            else:
+                visible.append(name)
+        subfolders[:] = visible
         for name in files:
-            if not is_ignored(name):
-                relatives.append(os.path.relpath(os.path.join(folder, name), root))
-    return sorted(relatives)
+            relative = os.path.relpath(os.path.join(folder, name), root)
+            if is_ignored(name):
+                ignored.append((relative, "hidden or system file"))
+            else:
+                relatives.append(relative)
+    return sorted(relatives), sorted(ignored)
