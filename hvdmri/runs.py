@@ -15,6 +15,7 @@ place, so a crash or a full disk leaves the previous complete file readable.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -54,9 +55,34 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             temporary.unlink()
 
 
+def json_safe(value: Any) -> Any:
+    """Return value with NaN and infinities as None and NumPy scalars and arrays as Python types.
+
+    json.dumps writes NaN as the bare token NaN, which strict JSON parsers reject.
+    """
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return value
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write data as strict JSON (NaN and infinities as null), atomically."""
+    text = json.dumps(json_safe(data), indent=2, allow_nan=False)
     with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        temporary.write_text(text + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:

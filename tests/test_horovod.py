@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import horovodrun, rank_lines, write_image
+from conftest import horovodrun, write_image
 from hvdmri.data.listing import CLASS_NAMES
 
 pytestmark = pytest.mark.slow
