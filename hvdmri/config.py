@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from dataclasses import dataclass
 
-from hvdmri.distributed import env_rank
+from hvdmri.cli import CommandParser, fraction, image_size, non_negative_int, positive_int
 from hvdmri.model import BASE_STAGES
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
@@ -63,45 +62,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line, printed by rank 0 only."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        if env_rank() == 0:
-            print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
-def _image_size(text: str) -> int:
-    value = int(text)
-    if value < 32:
-        raise argparse.ArgumentTypeError(f"ResNet-50 needs at least 32 pixels, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = CommandParser(
         prog="python -m hvdmri.train",
         description="Train a 4-class brain MRI tumor classifier (ResNet-50) data-parallel with Horovod.",
         epilog=EXAMPLES,
@@ -111,12 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--data", help="training folder with one subfolder per class "
                       "(glioma, meningioma, notumor, pituitary); default: the synthetic phantom set")
-    data.add_argument("--image-size", type=_image_size, default=d.image_size,
+    data.add_argument("--image-size", type=image_size, default=d.image_size,
                       help=f"side of the square model input in pixels (default {d.image_size})")
-    data.add_argument("--val-fraction", type=_fraction, default=d.val_fraction,
+    data.add_argument("--val-fraction", type=fraction, default=d.val_fraction,
                       help=f"stratified validation share (default {d.val_fraction})")
     data.add_argument("--seed", type=int, default=d.seed, help=f"split, shuffle and init seed (default {d.seed})")
-    data.add_argument("--limit-per-class", type=_positive_int, default=None,
+    data.add_argument("--limit-per-class", type=positive_int, default=None,
                       help="use at most this many images per class (for quick trials)")
     data.add_argument("--exclude-duplicates-of", metavar="TEST_DIR",
                       help="leave out of training and validation every image that duplicates one in "
@@ -129,24 +91,24 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--weights", default=d.weights,
                        help="imagenet (download via Keras), none (random initialisation), "
                             "or PATH to a local ResNet-50 no-top weights file (default imagenet)")
-    model.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+    model.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                        help=f"images per worker per step; the global batch is this times the "
                             f"number of workers (default {d.batch_size})")
-    model.add_argument("--head-epochs", type=_non_negative_int, default=d.head_epochs,
+    model.add_argument("--head-epochs", type=non_negative_int, default=d.head_epochs,
                        help=f"phase 1 epochs: head only, base frozen (default {d.head_epochs})")
     model.add_argument("--head-lr", type=float, default=d.head_lr,
                        help=f"phase 1 learning rate per worker (default {d.head_lr})")
-    model.add_argument("--finetune-epochs", type=_non_negative_int, default=d.finetune_epochs,
+    model.add_argument("--finetune-epochs", type=non_negative_int, default=d.finetune_epochs,
                        help=f"phase 2 epochs: top stages of the base train too (default {d.finetune_epochs})")
     model.add_argument("--finetune-lr", type=float, default=d.finetune_lr,
                        help=f"phase 2 learning rate per worker (default {d.finetune_lr})")
     model.add_argument("--finetune-from", choices=BASE_STAGES[1:], default=d.finetune_from,
                        help=f"first ResNet-50 stage that trains in phase 2 (default {d.finetune_from})")
-    model.add_argument("--full-epochs", type=_non_negative_int, default=d.full_epochs,
+    model.add_argument("--full-epochs", type=non_negative_int, default=d.full_epochs,
                        help=f"phase 3 epochs: the whole network trains (default {d.full_epochs})")
     model.add_argument("--full-lr", type=float, default=d.full_lr,
                        help=f"phase 3 learning rate per worker (default {d.full_lr})")
-    model.add_argument("--scratch-epochs", type=_non_negative_int, default=d.scratch_epochs,
+    model.add_argument("--scratch-epochs", type=non_negative_int, default=d.scratch_epochs,
                        help=f"with --weights none: epochs of whole-network training, replacing "
                             f"phases 1-3 (default {d.scratch_epochs})")
     model.add_argument("--scratch-lr", type=float, default=d.scratch_lr,
@@ -163,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                          help="auto: mixed_bfloat16 on CPUs with AVX512_BF16 or AMX, else float32 "
                               "(default auto)")
-    runtime.add_argument("--threads", type=_positive_int, default=None,
+    runtime.add_argument("--threads", type=positive_int, default=None,
                          help="intra-op threads per worker (default: the node's cores divided by "
                               "its workers)")
     runtime.add_argument("--fp16-allreduce", action="store_true",

@@ -17,6 +17,7 @@ import socket
 import sys
 from pathlib import Path
 
+from hvdmri.cli import CommandParser, positive_int, probability
 from hvdmri.distributed import UsageError, Workers, env_rank, get_logger, run_on_chief, setup_horovod
 from hvdmri.metrics import DEFAULT_CALIBRATION_BINS
 
@@ -41,35 +42,6 @@ output (in --out, default RUN_DIR/evaluation/<name of the test folder>/):
 Files that cannot be decoded are skipped, listed in metrics.json and report.md,
 and do not change the exit code. Exit codes: 0 done, 2 bad input (message on stderr).
 """
-
-
-class CommandParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line, printed by rank 0 only."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        if env_rank() == 0:
-            print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hvdmri.distributed import UsageError
-from hvdmri.evaluate import CommandParser, positive_int
+from hvdmri.cli import CommandParser, positive_int
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import os
 import socket
 import sys
 import time

@@ -19,7 +19,7 @@ import pytest
 from conftest import horovodrun, rank_lines, run_module, write_image
 from hvdmri.data.check import check_folders, stored_mode
 from hvdmri.data.decode import load_image, preprocess
-from hvdmri.data.listing import CLASS_NAMES, list_images
+from hvdmri.data.listing import list_images
 from hvdmri.data.synth import write_phantoms
 
 FAST_TRAIN = ["--weights", "none", "--image-size", "32", "--scratch-epochs", "1", "--batch-size", "4"]

@@ -1,7 +1,6 @@
 """Duplicate detection, leak-free evaluation sets, the data check and synth commands."""
 
 import hashlib
-import json
 from collections import defaultdict
 from pathlib import Path
 

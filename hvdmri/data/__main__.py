@@ -13,20 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from hvdmri.cli import positive_int
+
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
-
-# ensure_phantom_set() draws its test phantoms from this seed offset. synth uses the
-# same offset, so its output is byte-identical to the cached set of equal arguments.
-TEST_SEED_OFFSET = 1_000_003
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hvdmri.data",
@@ -42,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("test_dir", metavar="TEST_DIR", nargs="?",
                        help="test folder to compare with DIR; classes may be missing")
     check.add_argument("--json", metavar="FILE", help="also write the full report to FILE as JSON")
-    check.add_argument("--workers", type=_positive_int, default=None,
+    check.add_argument("--workers", type=positive_int, default=None,
                        help="decoding threads (default: the number of CPU cores)")
     check.add_argument("--no-progress", dest="progress", action="store_false",
                        help="hide the progress bar")
@@ -52,11 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write synthetic MRI-like phantoms in the Kaggle layout. The same arguments give "
                     "the same bytes.")
     synth.add_argument("out_dir", metavar="OUT_DIR", help="new or empty folder to write into")
-    synth.add_argument("--per-class", type=_positive_int, default=200,
+    synth.add_argument("--per-class", type=positive_int, default=200,
                        help="training images per class (default 200)")
-    synth.add_argument("--test-per-class", type=_positive_int, default=30,
+    synth.add_argument("--test-per-class", type=positive_int, default=30,
                        help="test images per class (default 30)")
-    synth.add_argument("--image-size", type=_positive_int, default=128,
+    synth.add_argument("--image-size", type=positive_int, default=128,
                        help="side of the square images in pixels (default 128)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     return parser
@@ -79,7 +69,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 def run_synth(args: argparse.Namespace) -> int:
     from hvdmri.data.listing import CLASS_NAMES
-    from hvdmri.data.synth import write_phantoms
+    from hvdmri.data.synth import TEST_SEED_OFFSET, write_phantoms
 
     out_dir = Path(args.out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):

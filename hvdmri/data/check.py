@@ -20,7 +20,6 @@ conflicts and skipped files are reported, because training runs with them.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import Counter, defaultdict
@@ -363,4 +362,7 @@ def _examples(items: list[str]) -> list[str]:
 
 
 def write_json(report: dict, path: str | os.PathLike) -> None:
-    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    """Write the report as strict JSON, atomically (see runs.write_json)."""
+    from hvdmri import runs
+
+    runs.write_json(path, report)

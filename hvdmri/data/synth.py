@@ -26,6 +26,9 @@ from hvdmri.data.listing import CLASS_NAMES
 
 # Bump when the drawing changes, so stale cached sets are not reused.
 PHANTOM_VERSION = 2
+# Test phantoms are drawn from seed + this offset, so they never repeat a training
+# phantom of the same seed. `python -m hvdmri.data synth` uses it too.
+TEST_SEED_OFFSET = 1_000_003
 
 
 def default_cache_dir() -> Path:
@@ -141,8 +144,7 @@ def ensure_phantom_set(cache_dir: str | os.PathLike | None = None, per_class: in
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
     try:
         write_phantoms(staging / "Training", per_class, image_size, seed, prefix="Tr")
-        # A different seed stream keeps the test phantoms distinct from training ones.
-        write_phantoms(staging / "Testing", test_per_class, image_size, seed + 1_000_003, prefix="Te")
+        write_phantoms(staging / "Testing", test_per_class, image_size, seed + TEST_SEED_OFFSET, prefix="Te")
         try:
             os.rename(staging, target)
         except OSError:

@@ -1,0 +1,63 @@
+"""Command-line helpers shared by the hvdmri commands: a one-line-error parser and value types."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hvdmri.distributed import env_rank
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, printed by rank 0 only.
+
+    Under horovodrun every rank parses the same flags; one message is enough.
+    """
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if env_rank() == 0:
+            print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _number(text: str, kind, expected: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int, "a positive integer")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(text, int, "an integer, 0 or more")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1): a share that must leave something on the other side."""
+    value = _number(text, float, "a number in [0, 1)")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = _number(text, float, "a number in [0, 1]")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
+    return value
+
+
+def image_size(text: str) -> int:
+    value = _number(text, int, "a whole number of pixels")
+    if value < 32:
+        raise argparse.ArgumentTypeError(f"ResNet-50 needs at least 32 pixels, got {text}")
+    return value
