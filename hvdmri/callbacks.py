@@ -132,9 +132,9 @@ class RunRecorder(tf.keras.callbacks.Callback):
                "lr": float(self.model.optimizer.learning_rate)}
         for key in HISTORY_COLUMNS[3:]:
             row[key] = float(logs.get(key, math.nan))
-        self.history.append(row)
-        runs.write_text(self.run_dir / runs.HISTORY_FILE, history_csv(self.history))
 
+        # Checkpoint first, state next, history last: a crash between two writes
+        # leaves the history behind the checkpoint, never ahead of it.
         checkpoints = self.run_dir / runs.CHECKPOINT_DIR
         last = checkpoints / "last.weights.h5"
         with runs.atomic_path(last) as temporary:
@@ -149,6 +149,8 @@ class RunRecorder(tf.keras.callbacks.Callback):
         runs.write_json(checkpoints / "state.json", {
             "last_epoch": epoch + 1, "phase": self.phase, "best": self.best,
         })
+        self.history.append(row)
+        runs.write_text(self.run_dir / runs.HISTORY_FILE, history_csv(self.history))
 
 
 def history_csv(rows: list[dict]) -> str:

@@ -10,6 +10,7 @@ to every rank; each rank trains on its own shard with the same number of steps.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import socket
@@ -71,6 +72,7 @@ def prepare_run(config: TrainConfig, world_size: int) -> dict:
     from hvdmri.data.duplicates import screen_training_images
     from hvdmri.data.listing import list_images
     from hvdmri.data.split import stratified_split
+    from hvdmri.resume import find_resume_point
 
     data_root = resolve_data_root(config)
     listing = list_images(data_root)
@@ -100,9 +102,11 @@ def prepare_run(config: TrainConfig, world_size: int) -> dict:
     if (run_dir / runs.MODEL_FILE).exists():
         raise UsageError(f"--run-dir {run_dir} already holds a finished run ({runs.MODEL_FILE}); "
                          f"choose another folder")
+    resume = find_resume_point(run_dir, config.to_dict())
     run_dir.mkdir(parents=True, exist_ok=True)
     runs.write_json(run_dir / runs.CLASSES_FILE, {"class_names": list(listing.class_names)})
     return {
+        "resume": dataclasses.asdict(resume) if resume else None,
         "data_root": str(data_root),
         "class_names": listing.class_names,
         "paths": paths,
@@ -234,12 +238,25 @@ def train(config: TrainConfig) -> Path:
                  phases[0].epochs, config.scratch_bn_momentum)
 
     total_epochs = sum(phase.epochs for phase in phases)
-    history: list[dict] = []
-    best: dict = {}
+    resume = plan["resume"]
+    start_epoch = resume["epoch"] if resume else 0
+    history: list[dict] = resume["history"] if resume else []
+    best: dict = resume["best"] if resume else {}
+    if resume:
+        log.info("resuming %s after epoch %d of %d (phase '%s')", run_dir, start_epoch, total_epochs,
+                 resume["phase"])
+        if resume["world_size"] and resume["world_size"] != workers.world_size:
+            log.info("the interrupted run had %d workers, this one has %d: learning rates are rescaled "
+                     "to %d x the per-worker rate", resume["world_size"], workers.world_size,
+                     workers.world_size)
     compression = hvd.Compression.fp16 if config.fp16_allreduce else hvd.Compression.none
     epoch = 0
     started = time.time()
     for number, phase in enumerate(phases):
+        if epoch + phase.epochs <= start_epoch:
+            # Finished before the interruption; its weights are in the checkpoint.
+            epoch += phase.epochs
+            continue
         trainable = set_trainable(model, phase.train_from, phase.freeze_batchnorm)
         # Horovod: scale the learning rate by the number of workers, since the
         # global batch is world_size times larger.
@@ -249,6 +266,10 @@ def train(config: TrainConfig) -> Path:
         log.info("phase %d/%d '%s': epochs %d-%d, %d trainable base layers, lr %.2e (%.2e x %d workers)",
                  number + 1, len(phases), phase.name, epoch + 1, epoch + phase.epochs, trainable,
                  scaled_lr, phase.lr, workers.world_size)
+        if resume and epoch <= start_epoch:
+            # The first phase of a resumed run: inside the phase, the optimizer state
+            # continues too; at a phase boundary the new phase starts a fresh optimizer.
+            restore_checkpoint(workers, model, run_dir, with_optimizer=start_epoch > epoch)
 
         end = epoch + phase.epochs
         callbacks = [
@@ -277,13 +298,50 @@ def train(config: TrainConfig) -> Path:
                 EpochLogger(total_epochs, phase.name, steps, workers.world_size * config.batch_size),
                 RunRecorder(run_dir, phase.name, history, best),
             ]
-        model.fit(train_ds, initial_epoch=epoch, epochs=end, steps_per_epoch=steps, callbacks=callbacks,
+        model.fit(train_ds, initial_epoch=max(epoch, start_epoch), epochs=end, steps_per_epoch=steps,
+                  callbacks=callbacks,
                   verbose=1 if (workers.is_chief and sys.stdout.isatty()) else 0)
         epoch = end
 
+    if resume and start_epoch >= total_epochs:
+        # Every epoch was done; the run stopped while writing the final model.
+        restore_checkpoint(workers, model, run_dir, with_optimizer=False)
     log.info("training finished in %.1f min", (time.time() - started) / 60)
     finish_run(workers, model, config, plan, run_dir, best, precision)
     return run_dir
+
+
+def restore_checkpoint(workers: Workers, model, run_dir: Path, with_optimizer: bool) -> None:
+    """Load checkpoints/last.weights.h5 on rank 0 and give every rank the same state.
+
+    Raises:
+        RuntimeError: the ranks hold different weights after the broadcast.
+    """
+    import horovod.tensorflow as hvd
+
+    from hvdmri import runs
+    from hvdmri.resume import weights_checksum
+
+    optimizer = model.optimizer
+    if with_optimizer:
+        # Keras loads optimizer variables only into a built optimizer; building it
+        # creates the Adam moments and step count the checkpoint holds.
+        optimizer.build(model.trainable_variables)
+    if workers.is_chief:
+        model.load_weights(str(run_dir / runs.CHECKPOINT_DIR / "last.weights.h5"))
+    variables = list(model.variables) + (list(optimizer.variables) if with_optimizer else [])
+    if workers.world_size > 1:
+        # Horovod: the other ranks take rank 0's restored weights and optimizer state.
+        hvd.broadcast_variables(variables, root_rank=0)
+        checksums = hvd.allgather_object(weights_checksum(variables), name="resume_checksum")
+    else:
+        checksums = [weights_checksum(variables)]
+    if len(set(checksums)) != 1:
+        raise RuntimeError(f"ranks disagree on the restored weights: checksums {checksums}")
+    steps_done = int(optimizer.iterations.numpy()) if with_optimizer else 0
+    get_logger().info("restored the checkpoint: weights checksum %s on all %d ranks%s", checksums[0],
+                      workers.world_size, f", optimizer at step {steps_done}" if with_optimizer else
+                      " (new phase: fresh optimizer)")
 
 
 def finish_run(workers: Workers, model, config: TrainConfig, plan: dict, run_dir: Path,
