@@ -13,11 +13,11 @@ PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 
 EXAMPLES = """examples:
   # 4 nodes, one worker each, ImageNet weights downloaded once into ~/.keras:
-  horovodrun -np 4 -H node1:1,node2:1,node3:1,node4:1 python -m hvdmri.train \\
+  horovodrun --gloo -np 4 -H node1:1,node2:1,node3:1,node4:1 python -m hvdmri.train \\
       --data Training --run-dir runs/resnet50
 
   # one node, 2 workers, no download, 96 px images:
-  horovodrun -np 2 -H localhost:2 python -m hvdmri.train --data Training \\
+  horovodrun --gloo -np 2 -H localhost:2 python -m hvdmri.train --data Training \\
       --weights none --image-size 96 --run-dir runs/scratch96
 
   # without --data: the synthetic phantom set, generated once into ~/.cache/hvdmri

@@ -1,7 +1,7 @@
 """Evaluate a trained run on a labelled test folder, data-parallel with Horovod.
 
     python -m hvdmri.evaluate --model runs/resnet50 --data Testing
-    horovodrun -np 2 -H localhost:2 python -m hvdmri.evaluate --model runs/resnet50 --data Testing
+    horovodrun --gloo -np 2 -H localhost:2 python -m hvdmri.evaluate --model runs/resnet50 --data Testing
 
 Rank 0 lists the test folder and hands the listing to every rank. Each rank
 predicts every world_size-th image. The probabilities are gathered by the image's
@@ -27,7 +27,7 @@ EXAMPLES = """example:
   python -m hvdmri.evaluate --model runs/resnet50 --data Testing
 
   # 2 workers on one node; every image is still counted once:
-  horovodrun -np 2 -H localhost:2 python -m hvdmri.evaluate --model runs/resnet50 --data Testing
+  horovodrun --gloo -np 2 -H localhost:2 python -m hvdmri.evaluate --model runs/resnet50 --data Testing
 
 output (in --out, default RUN_DIR/evaluation/<name of the test folder>/):
   metrics.json               accuracy, balanced accuracy, per-class precision/recall/F1/support/ROC AUC,

@@ -1,7 +1,7 @@
 """Train the ResNet-50 MRI classifier data-parallel with Horovod.
 
-    horovodrun -np 4 -H node1:1,node2:1,node3:1,node4:1 python -m hvdmri.train --data Training
-    horovodrun -np 2 -H localhost:2 python -m hvdmri.train --weights none --image-size 64
+    horovodrun --gloo -np 4 -H node1:1,node2:1,node3:1,node4:1 python -m hvdmri.train --data Training
+    horovodrun --gloo -np 2 -H localhost:2 python -m hvdmri.train --weights none --image-size 64
     python -m hvdmri.train --data Training            # one worker, no horovodrun
 
 Rank 0 lists the data, splits it and creates the run folder, then hands the plan

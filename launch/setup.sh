@@ -81,11 +81,19 @@ say "installing tensorflow-cpu $tf_version and the other dependencies"
 if "$venv/bin/python" -c "import horovod.tensorflow as h; import sys; sys.exit(h.__version__ != '$horovod_version')" 2>/dev/null; then
   say "horovod $horovod_version already built"
 else
+  # MPI only when mpicxx can build and link a program: Debian's openmpi-bin alone
+  # puts an mpicxx on the PATH without the headers and library it needs.
   mpi_flag="HOROVOD_WITHOUT_MPI=1"
-  if command -v mpicxx >/dev/null; then
+  probe_dir="$(mktemp -d)"
+  if command -v mpicxx >/dev/null \
+     && printf '#include <mpi.h>\nint main() { return MPI_Init(0, 0) ? 1 : 0; }\n' >"$probe_dir/probe.cc" \
+     && mpicxx "$probe_dir/probe.cc" -o "$probe_dir/probe" >/dev/null 2>&1; then
     mpi_flag="HOROVOD_WITH_MPI=1"
-    say "mpicxx found: building Horovod with MPI as well as Gloo"
+    say "a working MPI compiler was found: building Horovod with MPI as well as Gloo"
+  elif command -v mpicxx >/dev/null; then
+    say "mpicxx cannot link an MPI program (install the MPI development package, e.g. libopenmpi-dev, for MPI); building with Gloo only"
   fi
+  rm -rf "$probe_dir"
   say "building horovod $horovod_version from source (2-3 minutes on 2 cores)"
   env HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_PYTORCH=1 \
       HOROVOD_WITHOUT_MXNET=1 "$mpi_flag" \
