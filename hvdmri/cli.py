@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable
 
-from hvdmri.distributed import env_rank
+from hvdmri.distributed import UsageError, env_rank
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -18,6 +19,17 @@ class CommandParser(argparse.ArgumentParser):
         if env_rank() == 0:
             print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def run_command(name: str, command: Callable[[], object]) -> int:
+    """Run a command's work; turn a UsageError into one line on stderr (rank 0) and exit code 2."""
+    try:
+        command()
+    except UsageError as error:
+        if env_rank() == 0:
+            print(f"{name}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _number(text: str, kind, expected: str):

@@ -17,8 +17,8 @@ import socket
 import sys
 from pathlib import Path
 
-from hvdmri.cli import CommandParser, positive_int, probability
-from hvdmri.distributed import UsageError, Workers, env_rank, get_logger, run_on_chief, setup_horovod
+from hvdmri.cli import CommandParser, positive_int, probability, run_command
+from hvdmri.distributed import UsageError, Workers, get_logger, run_on_chief, setup_horovod
 from hvdmri.metrics import DEFAULT_CALIBRATION_BINS
 
 EVALUATION_DIR = "evaluation"
@@ -76,13 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        evaluate(args)
-    except UsageError as error:
-        if env_rank() == 0:
-            print(f"hvdmri.evaluate: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("hvdmri.evaluate", lambda: evaluate(args))
 
 
 def default_out_dir(run_dir: Path, data_root: Path) -> Path:

@@ -19,8 +19,9 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from hvdmri.cli import run_command
 from hvdmri.config import TrainConfig, parse_args
-from hvdmri.distributed import UsageError, Workers, env_rank, get_logger, run_on_chief, setup_horovod
+from hvdmri.distributed import UsageError, Workers, get_logger, run_on_chief, setup_horovod
 
 
 @dataclass(frozen=True)
@@ -160,13 +161,7 @@ def check_data_on_every_rank(workers: Workers, config: TrainConfig, plan: dict) 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    try:
-        train(config)
-    except UsageError as error:
-        if env_rank() == 0:
-            print(f"hvdmri.train: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("hvdmri.train", lambda: train(config))
 
 
 def train(config: TrainConfig) -> Path:

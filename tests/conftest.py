@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -72,3 +74,28 @@ def rank_lines(output: str, rank: int) -> list[str]:
     """Lines horovodrun prefixed with this rank ("[1]<stdout>:..." under Gloo)."""
     prefix = f"[{rank}]<"
     return [line for line in output.splitlines() if line.startswith(prefix)]
+
+
+@contextmanager
+def models_loaded_once(patch: pytest.MonkeyPatch):
+    """Make runs.load_trained_model load each model file once: a ResNet-50 .keras file takes seconds."""
+    from hvdmri import runs
+
+    cache = {}
+    load = runs.load_trained_model
+
+    def load_cached(run_dir):
+        # Keyed by the model file's content, so a copied model.keras is loaded once
+        # too; classes.json is read fresh from each run folder.
+        model_path = Path(run_dir) / runs.MODEL_FILE
+        if not model_path.is_file():
+            return load(run_dir)
+        key = hashlib.sha256(model_path.read_bytes()).hexdigest()
+        if key not in cache:
+            cache[key] = load(run_dir)
+            return cache[key]
+        model, _, image_size = cache[key]
+        return model, runs.read_class_names(run_dir), image_size
+
+    patch.setattr(runs, "load_trained_model", load_cached)
+    yield

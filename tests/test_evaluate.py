@@ -6,7 +6,6 @@ test has run TensorFlow. The CLI and horovodrun tests run real subprocesses.
 """
 
 import csv
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import horovodrun, run_module, write_image
+from conftest import horovodrun, models_loaded_once, run_module, write_image
 from hvdmri import evaluate, predict, runs
 from hvdmri.data.decode import decode_image
 from hvdmri.data.listing import Listing
@@ -72,25 +71,8 @@ def write_test_folder(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def one_worker():
     """Evaluate in this process as a single Horovod worker, loading each run folder's model once."""
-    cache = {}
-    load = runs.load_trained_model
-
-    def load_cached(run_dir):
-        # Keyed by the model file's content, so a copied model.keras is loaded once
-        # too; classes.json is read fresh from each run folder.
-        model_path = Path(run_dir) / runs.MODEL_FILE
-        if not model_path.is_file():
-            return load(run_dir)
-        key = hashlib.sha256(model_path.read_bytes()).hexdigest()
-        if key not in cache:
-            cache[key] = load(run_dir)
-            return cache[key]
-        model, _, image_size = cache[key]
-        return model, runs.read_class_names(run_dir), image_size
-
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, models_loaded_once(patch):
         patch.setattr(evaluate, "setup_horovod", lambda threads=None: Workers(0, 0, 1, 1))
-        patch.setattr(runs, "load_trained_model", load_cached)
         yield
 
 

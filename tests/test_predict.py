@@ -1,7 +1,6 @@
 """python -m hvdmri.predict: the table, --json/--csv/--gradcam, and every kind of bad input."""
 
 import csv
-import hashlib
 import json
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run_module, write_image
+from conftest import models_loaded_once, run_module, write_image
 from hvdmri import runs
 from hvdmri.data.decode import decode_image, load_image, preprocess
 from hvdmri.model import build_model
@@ -36,24 +35,7 @@ def scan(seed: int, height: int = 64, width: int = 64) -> np.ndarray:
 @pytest.fixture(scope="module", autouse=True)
 def load_each_model_once():
     """Load each run folder's model once per module: a ResNet-50 .keras file takes seconds to load."""
-    cache = {}
-    load = runs.load_trained_model
-
-    def load_cached(run_dir):
-        # Keyed by the model file's content, so a copied model.keras is loaded once
-        # too; classes.json is read fresh from each run folder.
-        model_path = Path(run_dir) / runs.MODEL_FILE
-        if not model_path.is_file():
-            return load(run_dir)
-        key = hashlib.sha256(model_path.read_bytes()).hexdigest()
-        if key not in cache:
-            cache[key] = load(run_dir)
-            return cache[key]
-        model, _, image_size = cache[key]
-        return model, runs.read_class_names(run_dir), image_size
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(runs, "load_trained_model", load_cached)
+    with pytest.MonkeyPatch.context() as patch, models_loaded_once(patch):
         yield
 
 
