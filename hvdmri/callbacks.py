@@ -32,6 +32,30 @@ def global_mean(local_total: float, local_count: float, name: str) -> float:
     return total / count if count else math.nan
 
 
+class AverageBatchNormStatistics(tf.keras.callbacks.Callback):
+    """Average BatchNormalization moving statistics over ranks at each epoch end.
+
+    Horovod averages gradients, not the moving mean and variance, so each rank's
+    statistics drift towards its own shard. Averaging them before validation and
+    checkpointing makes every rank hold the same model: the validation score is
+    then that of the saved model, not of a mix of per-rank models. The mean of the
+    ranks' moving variances ignores the spread between their means, which is an
+    approximation but small next to the variances themselves.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        import horovod.tensorflow as hvd
+
+        if hvd.size() == 1:
+            return
+        statistics = [weight for layer in self.model.layers
+                      if isinstance(layer, tf.keras.layers.BatchNormalization)
+                      for weight in (layer.moving_mean, layer.moving_variance)]
+        # Sorted names give every rank the same collective order.
+        for variable in sorted(statistics, key=lambda v: v.name):
+            variable.assign(hvd.allreduce(variable, op=hvd.Average, name=f"bn_average.{variable.name}"))
+
+
 class GlobalValidation(tf.keras.callbacks.Callback):
     """Evaluate each rank's validation shard and put the all-image means into the logs.
 

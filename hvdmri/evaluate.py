@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gradcam", metavar="DIR",
                         help="also write a Grad-CAM overlay PNG per image into DIR, mirroring the class "
                              "folders; each worker writes the images of its own shard")
+    parser.add_argument("--exclude-duplicates-of", metavar="TRAIN_DIR",
+                        help="evaluate only the test images with no exact or near duplicate in TRAIN_DIR "
+                             "(the folder the model was trained on); the number set aside is reported")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="intra-op threads per worker (default: the node's cores divided by its workers)")
     return parser
@@ -88,7 +91,6 @@ def evaluate(args: argparse.Namespace) -> Path:
     workers = setup_horovod(args.threads)
     log = get_logger()
 
-    from hvdmri.data.listing import list_images
     from hvdmri.inference import gather_by_index
 
     run_dir = Path(args.model).resolve()
@@ -96,8 +98,11 @@ def evaluate(args: argparse.Namespace) -> Path:
     out_dir = Path(args.out).resolve() if args.out else default_out_dir(run_dir, data_root)
 
     model, class_names, image_size = load_model_on_every_rank(workers, run_dir)
-    listing = run_on_chief(workers, lambda: list_images(data_root, class_names=class_names, require_all=False),
-                           "list_test_images")
+    listing, set_aside = run_on_chief(
+        workers, lambda: list_test_images(data_root, class_names, args.exclude_duplicates_of), "list_test_images")
+    if args.exclude_duplicates_of:
+        log.info("--exclude-duplicates-of %s: set aside %d test images that duplicate a training image",
+                 args.exclude_duplicates_of, len(set_aside))
     log.info("model: %s (%d px, classes %s)", run_dir, image_size, ", ".join(class_names))
     log.info("data: %s, %d images (%s), %d skipped at listing", data_root, len(listing),
              ", ".join(f"{name} {count}" for name, count in listing.counts().items()), len(listing.skipped))
@@ -114,7 +119,8 @@ def evaluate(args: argparse.Namespace) -> Path:
                              f"could be decoded; nothing to evaluate")
         check_finite(listing, ids, probabilities, run_dir)
         write_results(out_dir, run_dir, data_root, listing, ids, probabilities, unreadable,
-                      workers.world_size, args.calibration_bins, args.screening_threshold)
+                      workers.world_size, args.calibration_bins, args.screening_threshold,
+                      set_aside if args.exclude_duplicates_of else None)
 
     if args.gradcam:
         write_gradcam(workers, model, listing, image_size, args.batch_size, Path(args.gradcam).resolve())
@@ -219,9 +225,28 @@ def check_finite(listing, ids, probabilities, run_dir: Path) -> None:
                          f"unusable, so evaluate another run")
 
 
+def list_test_images(data_root: Path, class_names, exclude_duplicates_of: str | None):
+    """Rank 0: list the test folder; return (listing, test paths set aside as duplicates of training)."""
+    from hvdmri.data.duplicates import leak_free_test_paths
+    from hvdmri.data.listing import list_images
+
+    listing = list_images(data_root, class_names=class_names, require_all=False)
+    if not exclude_duplicates_of:
+        return listing, []
+    train_dir = Path(exclude_duplicates_of)
+    if not train_dir.is_dir():
+        raise UsageError(f"--exclude-duplicates-of: folder not found: {train_dir}")
+    kept = set(leak_free_test_paths(listing, train_dir))
+    set_aside = [path for path in listing.paths if path not in kept]
+    positions = [i for i, path in enumerate(listing.paths) if path in kept]
+    listing.paths = [listing.paths[i] for i in positions]
+    listing.labels = [listing.labels[i] for i in positions]
+    return listing, set_aside
+
+
 def write_results(out_dir: Path, run_dir: Path, data_root: Path, listing, ids, probabilities,
                   unreadable: list[tuple[str, str]], world_size: int, calibration_bins: int,
-                  screening_threshold: float = 0.5) -> None:
+                  screening_threshold: float = 0.5, set_aside: list[str] | None = None) -> None:
     """Compute every metric on the gathered predictions and write the evaluation files."""
     import numpy as np
 
@@ -241,6 +266,10 @@ def write_results(out_dir: Path, run_dir: Path, data_root: Path, listing, ids, p
         "images_unreadable": len(unreadable),
         "unreadable_images": [{"path": relative, "reason": reason} for relative, reason in unreadable],
     }
+    if set_aside is not None:
+        # Test images whose copies the model trained on; they would inflate every figure.
+        metrics["duplicates_of_training_set_aside"] = len(set_aside)
+        metrics["duplicates_of_training"] = set_aside
     metrics.update(classification_metrics(y_true, probabilities, class_names))
     metrics["screening"] = screening_metrics(y_true, probabilities, class_names, screening_threshold)
     metrics["calibration"] = calibration_metrics(y_true, probabilities, calibration_bins)

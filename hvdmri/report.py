@@ -173,6 +173,11 @@ def markdown_report(metrics: dict) -> str:
         f"- images evaluated: {metrics['images_evaluated']} of {metrics['images_found']} found; "
         f"{metrics['images_unreadable']} unreadable (listed at the end)",
         f"- workers: {metrics['world_size']}",
+    ]
+    if "duplicates_of_training_set_aside" in metrics:
+        lines.append(f"- set aside: {metrics['duplicates_of_training_set_aside']} test images that duplicate "
+                     f"a training image (exactly or nearly); the figures below exclude them")
+    lines += [
         "",
         "## Headline",
         "",

@@ -174,7 +174,8 @@ def train(config: TrainConfig) -> Path:
     import tensorflow as tf
 
     from hvdmri import runs
-    from hvdmri.callbacks import EpochLogger, GlobalValidation, RunRecorder, cosine_multiplier
+    from hvdmri.callbacks import (AverageBatchNormStatistics, EpochLogger, GlobalValidation, RunRecorder,
+                                  cosine_multiplier)
     from hvdmri.data.pipeline import DecodeFailureReport, DecodeFailures, make_dataset
     from hvdmri.data.split import shard, steps_per_epoch
     from hvdmri.model import build_model, resolve_weights, set_batchnorm_momentum, set_trainable
@@ -273,6 +274,8 @@ def train(config: TrainConfig) -> Path:
             # Horovod: average the training metrics over ranks (equal step counts make
             # this the mean over all images seen).
             hvd.callbacks.MetricAverageCallback(),
+            # Before validation and checkpoints, so both see the same model on every rank.
+            AverageBatchNormStatistics(),
             GlobalValidation(val_ds),
             # Every rank: the per-epoch count of undecodable images is an allgather.
             DecodeFailureReport(decode_failures),

@@ -82,7 +82,25 @@ def check_global_mean():
            local_rate=correct / len(labels))
 
 
+def check_batchnorm_average():
+    """Ranks start with different moving statistics and must end with their mean."""
+    import horovod.tensorflow.keras as hvd
+    import tensorflow as tf
+
+    from hvdmri.callbacks import AverageBatchNormStatistics
+
+    hvd.init()
+    model = tf.keras.Sequential([tf.keras.Input((3,)), tf.keras.layers.BatchNormalization()])
+    layer = model.layers[0]
+    layer.moving_mean.assign([1.0 + hvd.rank()] * 3)  # rank 0: 1, rank 1: 2
+    layer.moving_variance.assign([4.0 * (hvd.rank() + 1)] * 3)  # rank 0: 4, rank 1: 8
+    callback = AverageBatchNormStatistics()
+    callback.set_model(model)
+    callback.on_epoch_end(0)
+    report(mean=layer.moving_mean.numpy().tolist(), variance=layer.moving_variance.numpy().tolist())
+
+
 if __name__ == "__main__":
     check = sys.argv[1]
     {"split": check_split, "uneven": lambda: check_uneven_shards(sys.argv[2]),
-     "mean": check_global_mean}[check]()
+     "mean": check_global_mean, "batchnorm": check_batchnorm_average}[check]()

@@ -344,3 +344,35 @@ def test_two_ranks_match_one_process(evaluated, run_dir, test_dir, tmp_path):
             assert float(b[f"p_{name}"]) == pytest.approx(float(a[f"p_{name}"]), abs=1e-5)
     ece_one, ece_two = single["calibration"]["ece"], double["calibration"]["ece"]
     assert math.isclose(ece_one, ece_two, abs_tol=1e-5)
+
+
+def test_exclude_duplicates_of_training(one_worker, run_dir, tmp_path, capsys):
+    test_dir, train_dir = tmp_path / "Testing", tmp_path / "Training"
+    for label, name in enumerate(CLASSES):
+        for i in range(2):
+            write_image(test_dir / name / f"te_{i}.png", scan(200 + 10 * label + i))
+        write_image(train_dir / name / "tr_0.png", scan(300 + label))
+    # One byte-identical leak; the check must find it among unrelated random scans.
+    (train_dir / "glioma" / "copy_of_test.png").write_bytes((test_dir / "glioma" / "te_1.png").read_bytes())
+
+    out_dir = tmp_path / "out"
+    code = evaluate.main(["--model", str(run_dir), "--data", str(test_dir), "--out", str(out_dir),
+                          "--exclude-duplicates-of", str(train_dir)])
+    capsys.readouterr()
+    assert code == 0
+    metrics = strict_json(out_dir / "metrics.json")
+    assert metrics["duplicates_of_training_set_aside"] == 1
+    assert metrics["duplicates_of_training"] == ["glioma/te_1.png"]
+    assert metrics["images_evaluated"] == 7
+    assert metrics["per_class"]["glioma"]["support"] == 1
+    assert "set aside: 1 test images" in (out_dir / "report.md").read_text()
+
+
+def test_exclude_duplicates_of_missing_folder(one_worker, run_dir, tmp_path, capsys):
+    test_dir = tmp_path / "Testing"
+    for label, name in enumerate(CLASSES):
+        write_image(test_dir / name / "te.png", scan(400 + label))
+    code = evaluate.main(["--model", str(run_dir), "--data", str(test_dir), "--out", str(tmp_path / "out"),
+                          "--exclude-duplicates-of", str(tmp_path / "nowhere")])
+    assert code == 2
+    assert "folder not found" in capsys.readouterr().err

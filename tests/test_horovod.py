@@ -51,3 +51,12 @@ def test_metric_is_the_mean_over_all_images():
     for rank in (0, 1):
         assert found[rank]["val_accuracy"] == pytest.approx(4 / 7)
         assert found[rank]["mean"] == pytest.approx(4 / 7)
+
+
+def test_batchnorm_statistics_are_averaged():
+    run = horovodrun(2, [WORKER, "batchnorm"], timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    found = results(run.stdout)
+    for rank in (0, 1):
+        assert found[rank]["mean"] == [1.5, 1.5, 1.5]
+        assert found[rank]["variance"] == [6.0, 6.0, 6.0]
