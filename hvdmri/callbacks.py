@@ -139,7 +139,7 @@ HISTORY_COLUMNS = ("epoch", "phase", "lr", "loss", "accuracy", "val_loss", "val_
 class RunRecorder(tf.keras.callbacks.Callback):
     """Rank 0: after each epoch, rewrite history.csv and the checkpoints atomically.
 
-    checkpoints/last.weights.h5 always holds the latest epoch; best.weights.h5 the
+    checkpoints/last.weights.h5 always contains the latest epoch; best.weights.h5 the
     epoch with the highest val_accuracy so far.
     """
 
@@ -147,7 +147,7 @@ class RunRecorder(tf.keras.callbacks.Callback):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.phase = phase
-        self.history = history  # shared across phases, so the CSV holds every epoch
+        self.history = history  # shared across phases, so the CSV lists every epoch
         self.best = best
 
     def on_epoch_end(self, epoch, logs=None):

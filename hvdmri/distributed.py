@@ -18,7 +18,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Workers:
-    """Where this process sits in the job."""
+    """This process's rank, local rank and the job's sizes."""
 
     rank: int
     local_rank: int

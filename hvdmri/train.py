@@ -101,7 +101,7 @@ def prepare_run(config: TrainConfig, world_size: int) -> dict:
 
     run_dir = Path(config.run_dir or f"runs/run-{datetime.datetime.now():%Y%m%d-%H%M%S}").resolve()
     if (run_dir / runs.MODEL_FILE).exists():
-        raise UsageError(f"--run-dir {run_dir} already holds a finished run ({runs.MODEL_FILE}); "
+        raise UsageError(f"--run-dir {run_dir} already contains a finished run ({runs.MODEL_FILE}); "
                          f"choose another folder")
     resume = find_resume_point(run_dir, config.to_dict())
     run_dir.mkdir(parents=True, exist_ok=True)

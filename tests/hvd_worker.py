@@ -67,7 +67,7 @@ def check_global_mean():
         predicted, labels = [0, 1, 2, 3], [0, 1, 2, 0]
     else:
         predicted, labels = [1, 2, 3], [1, 0, 0]
-    # A model whose input is the class it predicts, so the right answers are fixed.
+    # A model whose input is the class it predicts, so the correct predictions are fixed.
     inputs = tf.keras.Input((1,), dtype=tf.int32)
     outputs = tf.keras.layers.Lambda(lambda x: tf.one_hot(x[:, 0], 4))(inputs)
     model = tf.keras.Model(inputs, outputs)

@@ -47,7 +47,8 @@ def test_metric_is_the_mean_over_all_images():
     run = horovodrun(2, [WORKER, "mean"], timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     found = results(run.stdout)
-    assert found[0]["local_rate"] == 0.75 and found[1]["local_rate"] == pytest.approx(1 / 3)
+    assert found[0]["local_rate"] == 0.75
+    assert found[1]["local_rate"] == pytest.approx(1 / 3)
     for rank in (0, 1):
         assert found[rank]["val_accuracy"] == pytest.approx(4 / 7)
         assert found[rank]["mean"] == pytest.approx(4 / 7)

@@ -54,7 +54,8 @@ def test_failed_download_names_both_ways_out(monkeypatch):
         build_model(4, 64, weights="imagenet")
     message = str(error.value)
     assert "\n" not in message
-    assert "--weights PATH" in message and "--weights none" in message
+    assert "--weights PATH" in message
+    assert "--weights none" in message
 
 
 def test_freezing_keeps_batchnorm_in_inference_mode():

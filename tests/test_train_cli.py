@@ -78,7 +78,8 @@ def test_phases_follow_the_weights():
     names = [p.name for p in plan_phases(parse_args(["--full-epochs", "2"]))]
     assert names == ["head", "finetune", "full"]
     head = plan_phases(parse_args([]))[0]
-    assert head.train_from is None and head.freeze_batchnorm
+    assert head.train_from is None
+    assert head.freeze_batchnorm
 
 
 @pytest.mark.slow
