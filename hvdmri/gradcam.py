@@ -23,6 +23,8 @@ from hvdmri.distributed import get_logger
 from hvdmri.model import LAST_CONV_LAYER
 
 # Weight of the colour map in the overlay; the rest is the original image.
+# Each half of an overlay PNG is at most this many pixels on its longer side.
+MAX_OVERLAY_SIDE = 512
 OVERLAY_ALPHA = 0.4
 GRADCAM_SUFFIX = "_gradcam.png"
 
@@ -95,10 +97,18 @@ class GradCam:
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
     """Return the original RGB image beside it blended with the heat map, shape [H, 2W, 3] uint8.
 
+    Images with a side longer than MAX_OVERLAY_SIDE are first shrunk to fit it.
+
     The heat map is stretched to the original's height and width; that inverts the
     model's square resize, so regions line up even on non-square images.
     """
     height, width = image.shape[:2]
+    if max(height, width) > MAX_OVERLAY_SIDE:
+        # A scan thousands of pixels wide would make a PNG of many megabytes. The heat
+        # map has only a few cells per side, and a smaller copy shows all of them.
+        scale = MAX_OVERLAY_SIDE / max(height, width)
+        height, width = max(1, round(height * scale)), max(1, round(width * scale))
+        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
     stretched = cv2.resize(heatmap.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
     heat8 = np.clip(np.round(stretched * 255.0), 0, 255).astype(np.uint8)
     colored = cv2.cvtColor(cv2.applyColorMap(heat8, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)

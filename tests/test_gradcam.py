@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from conftest import write_image
 from hvdmri.data.decode import decode_image, load_image, preprocess
-from hvdmri.gradcam import OVERLAY_ALPHA, GradCam, explain_files, overlay, overlay_names
+from hvdmri.gradcam import MAX_OVERLAY_SIDE, OVERLAY_ALPHA, GradCam, explain_files, overlay, overlay_names
 from hvdmri.model import build_model
 
 IMAGE_SIZE = 64  # the smallest input whose conv5 grid (input / 32) has more than one cell
@@ -104,6 +104,12 @@ def test_overlay_stretches_heat_map(tmp_path):
     right = result[:, 40:].astype(int)
     assert right[0, -1, 0] > right[0, -1, 2]
     assert right[-1, 0, 2] > right[-1, 0, 0]
+
+
+def test_overlay_of_a_large_scan_is_shrunk(tmp_path):
+    image = np.zeros((2000, 1000, 3), np.uint8)
+    result = overlay(image, np.ones((3, 3), np.float32))
+    assert result.shape == (MAX_OVERLAY_SIDE, MAX_OVERLAY_SIDE, 3)
 
 
 def test_overlay_names_unique():
