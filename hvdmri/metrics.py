@@ -27,9 +27,11 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray,
     the costliest error) and notumor_precision (a wrong "no tumor" is false
     reassurance), when those classes exist.
 
-    A class with an undefined precision, recall or F1 is left out of the macro and
-    weighted averages (scikit-learn's zero_division=NaN rule), so an average stays
-    defined while any class has a value.
+    The macro and weighted averages run over the classes that occur in y_true or in
+    the predictions (scikit-learn's default labels), and a ratio undefined for such a
+    class counts as 0: a class with images that the model never predicts lowers the
+    macro precision instead of dropping out of it. A class with neither images nor
+    predictions is left out. Per class, undefined values stay NaN.
 
     ROC AUC is one-vs-rest per class (per_class[name]["roc_auc"]); roc_auc_macro is
     their mean and is NaN when any class has no images, because its AUC is undefined.
@@ -50,8 +52,7 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray,
         result["accuracy"] = float(skm.accuracy_score(y_true, y_pred))
         result["balanced_accuracy"] = float(skm.balanced_accuracy_score(y_true, y_pred))
         for average in ("macro", "weighted"):
-            p, r, f, _ = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels,
-                                                             average=average, zero_division=np.nan)
+            p, r, f, _ = skm.precision_recall_fscore_support(y_true, y_pred, average=average, zero_division=0.0)
             result[f"{average}_avg"] = {"precision": float(p), "recall": float(r), "f1": float(f)}
         result["cohen_kappa"] = float(skm.cohen_kappa_score(y_true, y_pred, labels=labels))
 

@@ -198,14 +198,28 @@ def test_absent_class_is_nan_and_null_in_json():
     assert math.isnan(result["per_class"]["pituitary"]["roc_auc"])
     assert math.isnan(result["roc_auc_macro"])
     assert result["per_class"]["pituitary"]["support"] == 0
-    # The averages leave the undefined class out instead of counting it as 0.
+    # A class with neither images nor predictions is left out of the averages.
     assert result["macro_avg"]["recall"] == pytest.approx(1.0)
+    assert result["macro_avg"]["precision"] == pytest.approx(1.0)
 
     text = json.dumps(json_safe(result), allow_nan=False)
     restored = json.loads(text)
     assert restored["per_class"]["pituitary"]["recall"] is None
     assert restored["roc_auc_macro"] is None
     assert restored["accuracy"] == pytest.approx(1.0)
+
+
+def test_class_never_predicted_counts_as_zero_precision_in_macro_average():
+    # Two glioma images, both called meningioma: glioma precision is undefined (no
+    # glioma predictions), but it must pull the macro precision down, not vanish.
+    y_true = np.array([0, 0, 1, 2, 3])
+    probabilities = np.array([[0.1, 0.7, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1],
+                              [0.1, 0.1, 0.7, 0.1], [0.1, 0.1, 0.1, 0.7]])
+    result = classification_metrics(y_true, probabilities, CLASSES)
+    assert math.isnan(result["per_class"]["glioma"]["precision"])
+    # meningioma 1/3, notumor 1, pituitary 1, glioma 0.
+    assert result["macro_avg"]["precision"] == pytest.approx((0 + 1 / 3 + 1 + 1) / 4)
+    assert result["macro_avg"]["recall"] == pytest.approx((0 + 1 + 1 + 1) / 4)
 
 
 def test_json_safe_converts_numpy_values():
