@@ -197,6 +197,7 @@ def predict(args) -> int:
     """Run the command; return its exit code."""
     from hvdmri import runs
 
+    check_outputs(args)
     run_dir = Path(args.model)
     try:
         model, class_names, image_size = runs.load_trained_model(run_dir)
@@ -233,6 +234,27 @@ def predict(args) -> int:
               f"the others were predicted", file=sys.stderr)
         return EXIT_SOME_FAILED
     return EXIT_OK
+
+
+def check_outputs(args) -> None:
+    """Fail before loading the model when an output named by a flag cannot be written."""
+    for flag, value in (("--json", args.json), ("--csv", args.csv)):
+        if not value:
+            continue
+        path = Path(value)
+        if path.is_dir():
+            raise UsageError(f"{flag} {value} is a folder; give a file name")
+        if not path.parent.is_dir():
+            raise UsageError(f"{flag} {value}: folder {path.parent} does not exist")
+        if not os.access(path.parent, os.W_OK):
+            raise UsageError(f"{flag} {value}: folder {path.parent} is not writable")
+    if args.gradcam:
+        folder = Path(args.gradcam)
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"--gradcam {args.gradcam} is a file; give a folder for the heat maps")
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if existing is not None and not os.access(existing, os.W_OK):
+            raise UsageError(f"--gradcam {args.gradcam}: {existing} is not writable")
 
 
 def write_gradcam(model, image_size: int, files: list[tuple[str, str]], predictions: Predictions,

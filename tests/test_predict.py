@@ -227,6 +227,37 @@ def test_corrupt_model_file(run_dir, tmp_path, images, capsys):
     assert "cannot load the trained model" in errors[0]
 
 
+@pytest.mark.parametrize("content", ['{"class_names": ', '["glioma"]', '{"names": ["glioma"]}',
+                                     '{"class_names": ["glioma", "glioma", "a", "b"]}'])
+def test_malformed_classes_file(run_dir, tmp_path, images, capsys, content):
+    (tmp_path / runs.MODEL_FILE).write_bytes((run_dir / runs.MODEL_FILE).read_bytes())
+    (tmp_path / runs.CLASSES_FILE).write_text(content)
+    code, out, err = predict(capsys, "--model", tmp_path, images / "single.png")
+    assert code == EXIT_USAGE
+    errors = error_lines(err)
+    assert len(errors) == 1
+    assert "classes.json is malformed" in errors[0]
+    assert out == ""
+
+
+@pytest.mark.parametrize("flag, target, fragment", [
+    ("--csv", "missing/out.csv", "does not exist"),
+    ("--json", ".", "is a folder"),
+    ("--gradcam", "file.txt", "is a file"),
+])
+def test_unwritable_output_fails_before_predicting(tmp_path, images, capsys, flag, target, fragment):
+    (tmp_path / "file.txt").write_text("notes")
+    # The run folder is missing too: naming the output flag shows it was checked first.
+    code, out, err = predict(capsys, "--model", tmp_path / "no-run", images / "single.png",
+                             flag, tmp_path / target)
+    assert code == EXIT_USAGE
+    errors = error_lines(err)
+    assert len(errors) == 1
+    assert flag in errors[0]
+    assert fragment in errors[0]
+    assert out == ""
+
+
 def test_class_count_mismatch(run_dir, tmp_path, images, capsys):
     (tmp_path / runs.MODEL_FILE).write_bytes((run_dir / runs.MODEL_FILE).read_bytes())
     runs.write_json(tmp_path / runs.CLASSES_FILE, {"class_names": ["glioma", "notumor"]})
