@@ -42,6 +42,17 @@ horovod_version="0.28.1"
 say() { printf '[setup] %s\n' "$*"; }
 fail() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
 
+# An explicit PYTHON must be the one the environment runs on; a venv cannot
+# change its Python in place.
+if [[ -n "${PYTHON:-}" && -x "$venv/bin/python" ]]; then
+  version_of() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || echo "?"; }
+  wanted="$(version_of "$PYTHON")"
+  have="$(version_of "$venv/bin/python")"
+  if [[ "$wanted" != "$have" ]]; then
+    fail "the environment at $venv runs Python $have but PYTHON=$PYTHON is Python $wanted; remove $venv or set HVDMRI_VENV to a new folder, then rerun"
+  fi
+fi
+
 # A stamp over everything that decides the environment's content: when it matches
 # and the imports work, there is nothing to do.
 stamp_file="$venv/.hvdmri-setup-stamp"
