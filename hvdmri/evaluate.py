@@ -17,7 +17,7 @@ import socket
 import sys
 from pathlib import Path
 
-from hvdmri.cli import CommandParser, positive_int, probability, run_command
+from hvdmri.cli import add_model_argument, command_parser, positive_int, probability, run_command
 from hvdmri.distributed import UsageError, Workers, get_logger, run_on_chief, setup_horovod
 from hvdmri.metrics import DEFAULT_CALIBRATION_BINS
 
@@ -45,14 +45,10 @@ and do not change the exit code. Exit codes: 0 done, 2 bad input (message on std
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = CommandParser(
-        prog="python -m hvdmri.evaluate",
-        description="Evaluate a trained hvdmri model on a test folder laid out as DIR/<class>/<image>.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--model", required=True, metavar="RUN_DIR",
-                        help="run folder written by hvdmri.train (contains model.keras and classes.json)")
+    parser = command_parser("python -m hvdmri.evaluate",
+                            "Evaluate a trained hvdmri model on a test folder laid out as DIR/<class>/<image>.",
+                            EXAMPLES)
+    add_model_argument(parser)
     parser.add_argument("--data", required=True, metavar="TEST_DIR",
                         help="test folder with one subfolder per class. A class may be missing, but "
                              "a folder of a class the model does not know is an error")

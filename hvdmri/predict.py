@@ -9,7 +9,6 @@ training, and the class names come from the run folder's classes.json.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import os
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hvdmri.distributed import UsageError
-from hvdmri.cli import CommandParser, positive_int
+from hvdmri.cli import add_model_argument, command_parser, positive_int
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -54,14 +53,9 @@ class Predictions:
 
 
 def build_parser():
-    parser = CommandParser(
-        prog="python -m hvdmri.predict",
-        description="Predict the tumor class of brain MRI images with a trained hvdmri model.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--model", required=True, metavar="RUN_DIR",
-                        help="run folder written by hvdmri.train (contains model.keras and classes.json)")
+    parser = command_parser("python -m hvdmri.predict",
+                            "Predict the tumor class of brain MRI images with a trained hvdmri model.", EXAMPLES)
+    add_model_argument(parser)
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
     parser.add_argument("--json", metavar="FILE", help="also write the predictions and failures as JSON")
     parser.add_argument("--csv", metavar="FILE",

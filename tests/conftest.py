@@ -99,3 +99,26 @@ def models_loaded_once(patch: pytest.MonkeyPatch):
 
     patch.setattr(runs, "load_trained_model", load_cached)
     yield
+
+
+CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
+
+
+def make_untrained_run(folder: Path, image_size: int, seed: int) -> Path:
+    """A run folder as training leaves it, with an untrained model: enough for evaluate and predict."""
+    import tensorflow as tf
+
+    from hvdmri import runs
+    from hvdmri.model import build_model
+
+    tf.keras.utils.set_random_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    build_model(len(CLASSES), image_size, weights=None).save(folder / runs.MODEL_FILE)
+    runs.write_json(folder / runs.CLASSES_FILE, {"class_names": CLASSES})
+    return folder
+
+
+def noise_image(seed: int, height: int = 64, width: int = 64) -> np.ndarray:
+    """A random RGB image: distinct per seed, and decodable once written."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 255, (height, width, 3), dtype=np.uint8)

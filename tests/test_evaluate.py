@@ -12,17 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from conftest import horovodrun, models_loaded_once, run_module, write_image
+from conftest import CLASSES, horovodrun, make_untrained_run, models_loaded_once, run_module, write_image
+from conftest import noise_image as scan
 from hvdmri import evaluate, predict, runs
 from hvdmri.data.decode import decode_image
 from hvdmri.data.listing import Listing
 from hvdmri.distributed import UsageError, Workers
-from hvdmri.model import build_model
 
 IMAGE_SIZE = 64
-CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 OUTPUT_FILES = ("metrics.json", "predictions.csv", "confusion_matrix.csv", "confusion_matrix.png",
                 "roc_curves.png", "reliability_diagram.png", "report.md")
 # The files write_test_folder() plants that cannot be decoded, with a phrase of the
@@ -37,17 +35,7 @@ CORRUPT_JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 16 + b"\xff\xd9"
 
 
 def make_run(folder: Path, image_size: int = IMAGE_SIZE, seed: int = 11) -> Path:
-    """A run folder as training leaves it, with an untrained model: enough for evaluate."""
-    tf.keras.utils.set_random_seed(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    build_model(len(CLASSES), image_size, weights=None).save(folder / runs.MODEL_FILE)
-    runs.write_json(folder / runs.CLASSES_FILE, {"class_names": CLASSES})
-    return folder
-
-
-def scan(seed: int, height: int = 64, width: int = 64) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    return make_untrained_run(folder, image_size, seed)
 
 
 def write_test_folder(root: Path) -> Path:

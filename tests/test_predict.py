@@ -6,30 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from conftest import models_loaded_once, run_module, write_image
+from conftest import CLASSES, make_untrained_run, models_loaded_once, run_module, write_image
+from conftest import noise_image as scan
 from hvdmri import runs
 from hvdmri.data.decode import decode_image, load_image, preprocess
-from hvdmri.model import build_model
 from hvdmri.predict import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, main
 
 IMAGE_SIZE = 64
-CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 
 
 def make_run(folder: Path, image_size: int = IMAGE_SIZE, seed: int = 5) -> Path:
-    """A run folder as training leaves it, with an untrained model: enough for predict."""
-    tf.keras.utils.set_random_seed(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    build_model(len(CLASSES), image_size, weights=None).save(folder / runs.MODEL_FILE)
-    runs.write_json(folder / runs.CLASSES_FILE, {"class_names": CLASSES})
-    return folder
-
-
-def scan(seed: int, height: int = 64, width: int = 64) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    return make_untrained_run(folder, image_size, seed)
 
 
 @pytest.fixture(scope="module", autouse=True)
