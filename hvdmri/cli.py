@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Callable
 
@@ -19,6 +20,18 @@ class CommandParser(argparse.ArgumentParser):
         if env_rank() == 0:
             print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def command_parser(prog: str, description: str, examples: str) -> CommandParser:
+    """Return the parser every hvdmri command starts from: one-line errors, examples after the flags."""
+    return CommandParser(prog=prog, description=description, epilog=examples,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """Add --model RUN_DIR, the trained run folder that evaluate and predict read."""
+    parser.add_argument("--model", required=True, metavar="RUN_DIR",
+                        help="run folder written by hvdmri.train (contains model.keras and classes.json)")
 
 
 def run_command(name: str, command: Callable[[], object]) -> int:
@@ -50,6 +63,29 @@ def non_negative_int(text: str) -> int:
     value = _number(text, int, "an integer, 0 or more")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number above 0, such as a learning rate."""
+    value = _number(text, float, "a number above 0")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(text, float, "a number, 0 or more")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {text}")
+    return value
+
+
+def open_unit_interval(text: str) -> float:
+    """A number strictly between 0 and 1, such as a moving-average momentum."""
+    value = _number(text, float, "a number between 0 and 1")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
     return value
 
 

@@ -96,7 +96,7 @@ def run_on_chief(workers: Workers, fn: Callable[[], T], what: str) -> T:
     if workers.is_chief:
         try:
             outcome = (True, fn())
-        except (OSError, ValueError, RuntimeError) as error:
+        except (UsageError, OSError, ValueError, RuntimeError) as error:
             outcome = (False, f"{error}")
     if workers.world_size > 1:
         outcome = hvd.broadcast_object(outcome, root_rank=0, name=f"run_on_chief.{what}")
