@@ -2,6 +2,8 @@
 
 Only paths are shuffled and held in memory; images are decoded in parallel as
 batches are needed, so a data set of any size streams through a small buffer.
+An optional on-disk cache (hvdmri.data.cache) replaces decoding from the second
+epoch on; augmentation still runs on every epoch's batches.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import threading
 import numpy as np
 import tensorflow as tf
 
+from hvdmri.data.cache import ImageCache
 from hvdmri.data.decode import DecodeError, load_image, preprocess
 from hvdmri.distributed import get_logger
 
@@ -111,8 +114,13 @@ def _gather_from_ranks(value, name: str) -> list:
     return hvd.allgather_object(value, name=name)
 
 
-def _make_decoder(paths: list[str], image_size: int, training: bool, failures: DecodeFailures | None):
+def _make_decoder(paths: list[str], image_size: int, training: bool, failures: DecodeFailures | None,
+                  cache: ImageCache | None = None):
     """Return decode(path, index) -> (image, weight, keep) for tf.numpy_function.
+
+    With a cache, a decoded image is read from its slot when present and written
+    there after decoding otherwise. Undecodable files are never cached, so they
+    fail and are counted again in every epoch.
 
     A failed file yields a black image with weight 0 and keep False, so the
     filter drops it. When every file of a training shard has failed, keep turns
@@ -128,6 +136,10 @@ def _make_decoder(paths: list[str], image_size: int, training: bool, failures: D
     blank = np.zeros((image_size, image_size, 3), np.uint8)
 
     def decode(path: bytes, index: np.int64):
+        if cache is not None:
+            image = cache.get(int(index))
+            if image is not None:
+                return image, np.float32(1.0), True
         try:
             image = load_image(path.decode(), image_size)
         except DecodeError as error:
@@ -142,6 +154,8 @@ def _make_decoder(paths: list[str], image_size: int, training: bool, failures: D
         with lock:
             # A file that failed once (a flaky network share) counts again when it reads.
             failed.discard(int(index))
+        if cache is not None:
+            cache.put(int(index), image)
         return image, np.float32(1.0), True
 
     return decode
@@ -161,7 +175,8 @@ def make_augmenter(seed: int) -> tf.keras.Sequential:
 
 def make_dataset(paths: list[str], labels: list[int], image_size: int, batch_size: int, *,
                  training: bool, seed: int = 0, augment: bool = True,
-                 with_index: bool = False, failures: DecodeFailures | None = None) -> tf.data.Dataset:
+                 with_index: bool = False, failures: DecodeFailures | None = None,
+                 cache: ImageCache | None = None) -> tf.data.Dataset:
     """Build the batches for one rank's shard.
 
     Files that fail to decode are left out and recorded in failures. A training
@@ -177,6 +192,8 @@ def make_dataset(paths: list[str], labels: list[int], image_size: int, batch_siz
         with_index: also yield each image's position in paths, so a caller can tell
             which files were dropped as undecodable.
         failures: the tally that DecodeFailureReport logs; None records nothing.
+        cache: this rank's on-disk cache of decoded images for these paths, in
+            this order; None decodes every image in every epoch.
 
     Yields:
         Training: (images, labels, sample_weights), the tuple Keras' fit() takes.
@@ -191,7 +208,10 @@ def make_dataset(paths: list[str], labels: list[int], image_size: int, batch_siz
         # a few bytes per entry.
         dataset = dataset.shuffle(max(1, len(paths)), seed=seed, reshuffle_each_iteration=True)
         dataset = dataset.repeat()
-    decode = _make_decoder(paths, image_size, training, failures)
+    if cache is not None and (cache.size != len(paths) or cache.image_shape[0] != image_size):
+        raise ValueError(f"the image cache in {cache.folder} contains {cache.size} images of "
+                         f"{cache.image_shape[0]} px; this dataset has {len(paths)} of {image_size} px")
+    decode = _make_decoder(paths, image_size, training, failures, cache)
 
     def load(path, label, index):
         image, weight, keep = tf.numpy_function(decode, [path, index], [tf.uint8, tf.float32, tf.bool],
