@@ -17,9 +17,12 @@ from hvdmri import runs
 from hvdmri.distributed import UsageError
 
 # Flags that must match the interrupted run: changing them would make the saved
-# weights, split or epoch numbering mean something else.
-MUST_MATCH = ("weights", "image_size", "val_fraction", "seed", "limit_per_class", "head_epochs",
-              "finetune_epochs", "finetune_from", "full_epochs", "scratch_epochs")
+# weights, split, epoch numbering or learning-rate schedule mean something else.
+# Runtime flags (threads, precision, --fp16-allreduce) and the number of workers may change.
+MUST_MATCH = ("data", "exclude_duplicates_of", "weights", "image_size", "batch_size", "val_fraction", "seed",
+              "limit_per_class", "augment", "head_epochs", "head_lr", "finetune_epochs", "finetune_lr",
+              "finetune_from", "full_epochs", "full_lr", "scratch_epochs", "scratch_lr",
+              "scratch_bn_momentum", "warmup_epochs")
 
 
 @dataclass
@@ -31,6 +34,11 @@ class ResumePoint:
     best: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     world_size: int | None = None  # workers of the run that wrote the checkpoint
+    # A clean stop inside epoch + 1: the steps of that epoch already done, the
+    # checkpoint written after them, and that epoch's metric sums so far.
+    step: int = 0
+    checkpoint: str = "last.weights.h5"
+    metric_sums: dict = field(default_factory=dict)
 
 
 def find_resume_point(run_dir: Path, config: dict) -> ResumePoint | None:
@@ -40,11 +48,22 @@ def find_resume_point(run_dir: Path, config: dict) -> ResumePoint | None:
         UsageError: the folder contains a run whose configuration differs in a flag
             that decides the weights, the split or the epoch numbering.
     """
+    from hvdmri.stopping import STOPPED_CHECKPOINT
+
     state_path = run_dir / runs.CHECKPOINT_DIR / "state.json"
-    last = run_dir / runs.CHECKPOINT_DIR / "last.weights.h5"
-    if not state_path.is_file() or not last.is_file():
+    if not state_path.is_file():
         return None
     state = runs.read_json(state_path)
+    stopped = state.get("stopped")
+    if stopped and not (run_dir / runs.CHECKPOINT_DIR / STOPPED_CHECKPOINT).is_file():
+        stopped = None
+    # state.json names the epoch's own file; last.weights.h5 is the same file, or the
+    # only one in runs from before epoch files existed.
+    checkpoint = state.get("checkpoint", "last.weights.h5")
+    if not (run_dir / runs.CHECKPOINT_DIR / checkpoint).is_file():
+        checkpoint = "last.weights.h5"
+    if not stopped and not (run_dir / runs.CHECKPOINT_DIR / checkpoint).is_file():
+        return None
 
     previous_config = {}
     if (run_dir / runs.CONFIG_FILE).is_file():
@@ -57,9 +76,14 @@ def find_resume_point(run_dir: Path, config: dict) -> ResumePoint | None:
                          f"another --run-dir")
 
     epoch = int(state["last_epoch"])
-    return ResumePoint(epoch=epoch, phase=state["phase"], best=state.get("best", {}),
-                       history=read_history(run_dir / runs.HISTORY_FILE, up_to_epoch=epoch),
-                       world_size=previous_config.get("world_size"))
+    point = ResumePoint(epoch=epoch, phase=state["phase"], best=state.get("best", {}),
+                        history=read_history(run_dir / runs.HISTORY_FILE, up_to_epoch=epoch),
+                        world_size=previous_config.get("world_size"), checkpoint=checkpoint)
+    if stopped and int(stopped["epoch"]) == epoch + 1:
+        point.step = int(stopped["step"])
+        point.checkpoint = STOPPED_CHECKPOINT
+        point.metric_sums = stopped.get("metric_sums", {})
+    return point
 
 
 def read_history(path: Path, up_to_epoch: int) -> list[dict]:

@@ -14,9 +14,13 @@ place, so a crash or a full disk leaves the previous complete file readable.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
 import os
+import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +32,7 @@ HISTORY_FILE = "history.csv"
 MODEL_FILE = "model.keras"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
+LOCK_FILE = ".lock"
 
 
 @contextmanager
@@ -99,11 +104,21 @@ def read_class_names(run_dir: str | os.PathLike) -> tuple[str, ...]:
 
     Raises:
         FileNotFoundError: run_dir is not a finished hvdmri run folder.
+        ValueError: classes.json is not {"class_names": [distinct names]}.
     """
     path = Path(run_dir) / CLASSES_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: not an hvdmri run folder ({CLASSES_FILE} not found)")
-    return tuple(read_json(path)["class_names"])
+    try:
+        names = read_json(path)["class_names"]
+    except (ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"{path} is malformed ({type(error).__name__}: {error}); it should read "
+                         f'{{"class_names": ["glioma", "meningioma", ...]}}') from None
+    if (not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names)
+            or len(set(names)) != len(names)):
+        raise ValueError(f"{path} is malformed: class_names must be a list of distinct non-empty names, "
+                         f"got {names!r}")
+    return tuple(names)
 
 
 def load_trained_model(run_dir: str | os.PathLike):
@@ -126,3 +141,94 @@ def load_trained_model(run_dir: str | os.PathLike):
     model = tf.keras.models.load_model(model_path, compile=False)
     image_size = int(model.input_shape[1])
     return model, class_names, image_size
+
+
+def lock_run_dir(run_dir: Path):
+    """Take an exclusive lock on run_dir; return the open lock file, which holds it until closed.
+
+    Two trainings writing one folder would interleave checkpoints and history. The
+    lock is an flock, so it ends with the process however the process ends.
+
+    Raises:
+        UsageError: another process holds the lock.
+    """
+    from hvdmri.distributed import UsageError
+
+    handle = open(Path(run_dir) / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UsageError(f"--run-dir {run_dir} is in use by another training ({holder}); wait for it "
+                         f"to end or choose another --run-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
+def remove_if_unused(run_dir: Path) -> bool:
+    """Delete run_dir when it holds no checkpoint and no model; return whether it did.
+
+    A training that fails before its first checkpoint leaves only a configuration
+    behind, which would otherwise look like a run to resume.
+    """
+    run_dir = Path(run_dir)
+    checkpoints = run_dir / CHECKPOINT_DIR
+    if not run_dir.is_dir() or (run_dir / MODEL_FILE).exists():
+        return False
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
+
+
+class CheckpointWriteError(OSError):
+    """Rank 0 could not write a checkpoint; the previous complete one is still in place."""
+
+    def __init__(self, folder: Path, error: OSError):
+        self.folder = Path(folder)
+        self.error = error
+        try:
+            free_mb = shutil.disk_usage(self.folder).free / 2**20
+        except OSError:
+            free_mb = math.nan
+        # Errors raised through h5py may carry no errno, so free space decides too.
+        self.disk_full = error.errno in (errno.ENOSPC, errno.EDQUOT) or free_mb < 1
+        cause = f"the disk is full ({free_mb:.0f} MB free)" if self.disk_full else f"{error}"
+        super().__init__(f"cannot write to {self.folder}: {cause}; the previous checkpoint is intact, "
+                         f"so free space there and rerun the same command to resume")
+
+
+def epoch_checkpoint_name(epoch: int) -> str:
+    return f"epoch-{epoch:04d}.weights.h5"
+
+
+def link_or_copy(source: Path, destination: Path) -> None:
+    """Make destination the same file as source, replacing it atomically.
+
+    A hard link costs no space; file systems without hard links get a copy.
+    """
+    with atomic_path(destination) as temporary:
+        temporary.unlink()
+        try:
+            os.link(source, temporary)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            shutil.copyfile(source, temporary)
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    """Delete all but the newest `keep` epoch checkpoints, and a stop checkpoint an epoch has superseded.
+
+    Called only after the newest epoch's checkpoint and state.json are complete.
+    """
+    from hvdmri.stopping import STOPPED_CHECKPOINT
+
+    epoch_files = sorted(Path(folder).glob("epoch-[0-9][0-9][0-9][0-9].weights.h5"))
+    for path in [*epoch_files[:max(len(epoch_files) - keep, 0)], Path(folder) / STOPPED_CHECKPOINT]:
+        path.unlink(missing_ok=True)
