@@ -29,6 +29,15 @@ Options:
                              (default: an estimate from --batch-size and --image-size)
   --skip-preflight           start horovodrun right after the hostfile check
   --dry-run                  run the checks, print the horovodrun command, do not train
+  --elastic                  elastic training: keep going when workers are lost and take
+                             them back when they return; horovodrun rereads HOSTFILE every
+                             second through launch/discover_hosts.sh (adds --elastic to the
+                             training flags; see docs/CLUSTER.md)
+  --min-np N                 with --elastic: fewest workers to train with; below it the job
+                             waits for hosts, up to --elastic-timeout (default 1)
+  --max-np N                 with --elastic: most workers to start (default: no limit)
+  --elastic-timeout SECONDS  with --elastic: how long to wait for --min-np workers after a
+                             change (horovodrun's default: 600)
   -h, --help                 show this help
 
 Environment:
@@ -56,11 +65,16 @@ output_dir=""
 memory_gb=""
 skip_preflight=0
 dry_run=0
+elastic=0
+min_np=""
+max_np=""
+elastic_timeout=""
 hostfile=""
 while (($#)); do
   case "$1" in
     -h|--help) usage; exit 0 ;;
-    --network-interface|-p|--ssh-port|-i|--ssh-identity-file|--start-timeout|--output-filename|--worker-memory-gb)
+    --network-interface|-p|--ssh-port|-i|--ssh-identity-file|--start-timeout|--output-filename|--worker-memory-gb|\
+    --min-np|--max-np|--elastic-timeout)
       (($# >= 2)) || fail "$1 needs a value (see --help)"
       case "$1" in
         --network-interface) interfaces+=("$2") ;;
@@ -69,10 +83,14 @@ while (($#)); do
         --start-timeout) start_timeout="$2" ;;
         --output-filename) output_dir="$2" ;;
         --worker-memory-gb) memory_gb="$2" ;;
+        --min-np) min_np="$2" ;;
+        --max-np) max_np="$2" ;;
+        --elastic-timeout) elastic_timeout="$2" ;;
       esac
       shift 2 ;;
     --skip-preflight) skip_preflight=1; shift ;;
     --dry-run) dry_run=1; shift ;;
+    --elastic) elastic=1; shift ;;
     -*) fail "unknown option '$1' before HOSTFILE (training flags go after HOSTFILE; see --help)" ;;
     *) hostfile="$1"; shift; break ;;
   esac
@@ -92,6 +110,18 @@ if [[ -n "$ssh_key" ]]; then
   [[ "$ssh_key" =~ [[:space:]] ]] && fail "--ssh-identity-file '$ssh_key' contains a space; horovodrun 0.28.1 cannot pass it to ssh, so move the key"
   [[ -r "$ssh_key" ]] || fail "--ssh-identity-file '$ssh_key' not found or not readable"
 fi
+for pair in "--min-np:$min_np" "--max-np:$max_np" "--elastic-timeout:$elastic_timeout"; do
+  flag="${pair%%:*}" value="${pair#*:}"
+  [[ -z "$value" ]] && continue
+  ((elastic)) || fail "$flag needs --elastic"
+  [[ "$value" =~ ^[1-9][0-9]*$ ]] || fail "$flag must be a positive whole number, got '$value'"
+done
+if ((elastic)); then
+  min_np="${min_np:-1}"
+  if [[ -n "$max_np" ]] && ((min_np > max_np)); then
+    fail "--min-np $min_np is larger than --max-np $max_np"
+  fi
+fi
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 
 # horovodrun 0.28.1 cannot read comments or blank lines, so it gets a bare copy.
@@ -103,6 +133,11 @@ status=0
 slots="$(awk -F'slots=' '{ total += $2 } END { print total }' "$bare_hostfile")"
 hosts="$(wc -l <"$bare_hostfile")"
 echo "cluster.sh: $hosts host(s), $slots worker(s) from $hostfile"
+if ((elastic)); then
+  start_np="$slots"
+  [[ -n "$max_np" ]] && ((start_np > max_np)) && start_np="$max_np"
+  ((start_np < min_np)) && fail "--min-np $min_np is larger than the $slots slot(s) in $hostfile"
+fi
 
 if ((skip_preflight == 0)); then
   checks=(--python "$python")
@@ -117,7 +152,17 @@ if ((skip_preflight == 0)); then
   fi
 fi
 
-launch=("$horovodrun" --gloo -np "$slots" -hostfile "$bare_hostfile")
+if ((elastic)); then
+  # The discovery script reads the hostfile the user edits, so removing or restoring
+  # a line takes effect while the job runs. horovodrun runs it through a shell.
+  discovery="$(printf '%q %q' "$repo/launch/discover_hosts.sh" "$(cd "$(dirname "$hostfile")" && pwd)/$(basename "$hostfile")")"
+  launch=("$horovodrun" --gloo -np "$start_np" --min-np "$min_np" --host-discovery-script "$discovery")
+  [[ -n "$max_np" ]] && launch+=(--max-np "$max_np")
+  [[ -n "$elastic_timeout" ]] && launch+=(--elastic-timeout "$elastic_timeout")
+  [[ " ${train_args[*]} " == *" --elastic "* ]] || train_args+=(--elastic)
+else
+  launch=("$horovodrun" --gloo -np "$slots" -hostfile "$bare_hostfile")
+fi
 for name in "${interfaces[@]}"; do launch+=(--network-interface "$name"); done
 [[ -n "$ssh_port" ]] && launch+=(-p "$ssh_port")
 [[ -n "$ssh_key" ]] && launch+=(-i "$ssh_key")
