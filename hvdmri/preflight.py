@@ -43,20 +43,6 @@ GIB = 1024 ** 3
 HOSTFILE_LINE = re.compile(r"^(?P<host>\S+)\s+slots=(?P<slots>\S+)$")
 HOST_NAME = re.compile(r"^[\w.-]+$")
 
-# Memory of one training worker: a sum of estimated parts, not a measurement.
-#   runtime: Python, TensorFlow, Horovod and the tf.data buffers.
-#   state: float32 weights, gradients and the two Adam moments of 23.85 M parameters.
-#   activations: what the backward pass keeps per image, scaling with the pixel count.
-# At 224 px, batch 16 this gives 1.0 + 0.36 + 2.4 = 3.8 GiB. As a sanity check, one `ps`
-# sample of a 2-worker run at 96 px, batch 16 (2-core development VM) showed 1.8 GB
-# resident per worker, and the sum gives 1.8 GiB there.
-# TODO: replace the activation figure with the measured peak per worker at 224 px;
-# until then --worker-memory-gb overrides the whole estimate.
-RUNTIME_GIB = 1.0
-MODEL_PARAMETERS = 23_850_500
-STATE_COPIES = 4
-ACTIVATION_GIB_PER_IMAGE_224 = 0.15
-
 # Rank 0 keeps last.weights.h5 and best.weights.h5, writes model.keras, and each write
 # goes to a temporary file first: at most 4 float32 copies of the weights (0.36 GiB),
 # rounded up to leave room for logs and history.
@@ -158,11 +144,14 @@ def print_hostfile(entries: list[HostEntry]) -> None:
         print(f"{entry.host} slots={entry.slots}")
 
 
-def estimate_worker_memory_gib(batch_size: int, image_size: int) -> float:
-    """Return the estimated peak memory of one training worker in GiB (see the constants above)."""
-    state_gib = MODEL_PARAMETERS * 4 * STATE_COPIES / GIB
-    activations_gib = ACTIVATION_GIB_PER_IMAGE_224 * batch_size * (image_size / 224) ** 2
-    return RUNTIME_GIB + state_gib + activations_gib
+def estimate_worker_memory_gib(batch_size: int, image_size: int, precision: str = "auto") -> float:
+    """Return the estimated peak RSS of one training worker in GiB, from the measured model.
+
+    Imported here, not at the top: the probe part of this file runs on hosts that may lack hvdmri.
+    """
+    from hvdmri.memory import estimate_worker_memory_gib as estimate
+
+    return estimate(batch_size, image_size, precision)
 
 
 # ---------------------------------------------------------------------------------
@@ -684,7 +673,8 @@ def main(argv: list[str] | None = None) -> int:
         data=str(Path(workdir, config.data)) if config.data else None,
         run_dir=config.run_dir or "runs", workdir=workdir, batch_size=config.batch_size,
         image_size=config.image_size, threads=config.threads,
-        worker_memory_gib=args.worker_memory_gb or estimate_worker_memory_gib(config.batch_size, config.image_size),
+        worker_memory_gib=args.worker_memory_gb or estimate_worker_memory_gib(config.batch_size, config.image_size,
+                                                                              config.precision),
     )
     slots = sum(entry.slots for entry in entries)
     print(f"preflight: {len(entries)} host(s), {slots} slot(s) from {args.hostfile}", flush=True)

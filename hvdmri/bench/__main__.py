@@ -1,0 +1,80 @@
+"""Entry point: a worker when horovodrun (or the comparison) started this process, else the comparison."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from hvdmri.bench.options import build_parser, check_config, config_from_args, parse_named_configs
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.worker or "HOROVOD_RANK" in os.environ:
+        config = config_from_args(args)
+        check_config(parser, config)
+        return run_as_worker(config, args.result)
+
+    from hvdmri.bench.compare import ratio_table, run_rounds
+
+    configs = parse_named_configs(parser, _without_compare_flags(argv), args.config) or [config_from_args(args)]
+    for config in configs:
+        check_config(parser, config)
+    lines = run_rounds(configs, args.repeats, args.out)
+    if len(configs) > 1:
+        print(ratio_table(lines, [config.name for config in configs]))
+    if args.memory_fit:
+        from hvdmri.memory import describe_fit
+
+        print(describe_fit(lines))
+    return 1 if any("error" in line for line in lines) else 0
+
+
+def run_as_worker(config, result: str | None) -> int:
+    """Run one configuration here; rank 0 writes the JSON line (MWMS: every worker its own)."""
+    from hvdmri.bench.compare import combine
+    from hvdmri.bench.worker import run_worker
+
+    measured = run_worker(config)
+    if config.mode == "mwms":
+        if result:
+            Path(f"{result}.{measured['rank']}").write_text(json.dumps(measured))
+        else:
+            print(json.dumps(measured))
+        return 0
+    workers = [measured]
+    if measured["world_size"] > 1:
+        import horovod.tensorflow as hvd
+
+        workers = hvd.allgather_object(measured, name="bench_results")
+    if measured["rank"] == 0:
+        line = json.dumps(combine(config, workers))
+        if result:
+            Path(result).write_text(line)
+        print(line, flush=True)
+    return 0
+
+
+def _without_compare_flags(argv: list[str]) -> list[str]:
+    """Drop --config/--repeats/--out/--memory-fit so each configuration re-parses only run flags."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        name = item.split("=", 1)[0]
+        if name in ("--config", "--repeats", "--out"):
+            skip = "=" not in item
+            continue
+        if name == "--memory-fit":
+            continue
+        kept.append(item)
+    return kept
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Peak resident memory of one training worker, from a model fitted to measurements.
+
+peak RSS (GiB) = a + b * batch_size * (image_size / 224)^2, one (a, b) per precision:
+a is the fixed part (Python, TensorFlow, Horovod, weights, gradients and Adam state),
+b the activations kept for the backward pass per 224 px image. Standard library only,
+because hvdmri.preflight imports it before TensorFlow is needed.
+"""
+
+from __future__ import annotations
+
+import math
+
+from hvdmri.distributed import UsageError
+
+REFERENCE_SIZE = 224
+
+# (a GiB, b GiB per 224 px image) from `bash launch/bench.sh memory`: peak RSS of one
+# worker training the whole network on synthetic input at 224 px, batch 8, 16, 32 and 64
+# (2-core Intel VM with AVX512_BF16, TensorFlow 2.15.1, Horovod 0.28.1). b is the
+# least-squares slope. a is the least-squares intercept plus the largest residual, so the
+# model lies at or above every measured run, by up to 0.29 GiB (float32) and 0.04 GiB (bfloat16).
+# NOTE: measured with synthetic input and one worker on the machine. docs/BENCHMARKS.md
+# gives what the real input pipeline adds; other TensorFlow versions or CPUs can differ.
+MEMORY_MODEL_GIB = {
+    "float32": (1.558, 0.0803),
+    "mixed_bfloat16": (1.351, 0.0423),
+}
+
+
+def estimate_worker_memory_gib(batch_size: int, image_size: int, precision: str = "auto") -> float:
+    """Return the estimated peak RSS of one training worker in GiB.
+
+    precision "auto" takes the larger of the two precisions, because the CPU that
+    decides it may not be the one asking.
+    """
+    if precision == "auto":
+        return max(estimate_worker_memory_gib(batch_size, image_size, name) for name in MEMORY_MODEL_GIB)
+    if precision not in MEMORY_MODEL_GIB:
+        raise ValueError(f"precision must be auto or one of {', '.join(MEMORY_MODEL_GIB)}, got {precision!r}")
+    fixed, per_image = MEMORY_MODEL_GIB[precision]
+    return fixed + per_image * batch_size * (image_size / REFERENCE_SIZE) ** 2
+
+
+def largest_batch_size(budget_gib: float, image_size: int, precision: str = "auto") -> int:
+    """Return the largest batch size whose estimate fits in budget_gib; 0 when none does."""
+    fixed = estimate_worker_memory_gib(0, image_size, precision)
+    per_image = estimate_worker_memory_gib(1, image_size, precision) - fixed
+    if budget_gib < fixed + per_image:
+        return 0
+    # A small tolerance, so a budget that equals an estimate exactly is not lost to rounding.
+    return int(math.floor((budget_gib - fixed) / per_image + 1e-9))
+
+
+def check_memory_budget(budget_gib: float, batch_size: int, image_size: int, precision: str) -> None:
+    """Reject, before training, a batch size whose estimated peak RSS exceeds the budget.
+
+    Raises:
+        UsageError: the estimate exceeds budget_gib; the message names the largest
+            batch size that fits, or states that none fits at this image size.
+    """
+    needed = estimate_worker_memory_gib(batch_size, image_size, precision)
+    if needed <= budget_gib:
+        return
+    largest = largest_batch_size(budget_gib, image_size, precision)
+    what = (f"--memory-budget {budget_gib:g}: --batch-size {batch_size} at {image_size} px in {precision} "
+            f"needs about {needed:.1f} GiB per worker")
+    if largest:
+        raise UsageError(f"{what}; the largest batch size that fits is {largest} (pass --batch-size {largest})")
+    raise UsageError(f"{what}, and even batch size 1 does not fit; lower --image-size or raise --memory-budget")
+
+
+def fit_memory_model(points: list[tuple[int, int, float]]) -> tuple[float, float]:
+    """Fit a and b of the model by least squares to (batch_size, image_size, peak RSS GiB) points.
+
+    Raises:
+        ValueError: fewer than two distinct batch-size-times-area values.
+    """
+    xs = [batch * (size / REFERENCE_SIZE) ** 2 for batch, size, _ in points]
+    ys = [rss for _, _, rss in points]
+    if len(set(xs)) < 2:
+        raise ValueError(f"fitting needs at least two different batch sizes or image sizes, got {points}")
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+    return mean_y - slope * mean_x, slope
+
+
+def describe_fit(lines: list[dict]) -> str:
+    """Fit the model per precision to benchmark JSON lines; return one printable line per precision."""
+    points: dict[str, list[tuple[int, int, float]]] = {}
+    for line in lines:
+        if "error" not in line:
+            rss = max(line["peak_rss_gib_per_worker"])
+            points.setdefault(line["precision_used"], []).append((line["batch_size"], line["image_size"], rss))
+    described = []
+    for precision, found in sorted(points.items()):
+        try:
+            fixed, per_image = fit_memory_model(found)
+        except ValueError as error:
+            described.append(f"{precision}: {error}")
+            continue
+        residuals = [rss - fixed - per_image * batch * (size / REFERENCE_SIZE) ** 2 for batch, size, rss in found]
+        described.append(f"{precision}: a = {fixed:.3f} GiB, b = {per_image:.4f} GiB per 224 px image "
+                         f"({len(found)} runs, residuals {min(residuals):+.3f} to {max(residuals):+.3f} GiB; "
+                         f"a + largest residual = {fixed + max(residuals):.3f} GiB bounds every run)")
+    return "\n".join(described)

@@ -1,0 +1,154 @@
+"""The benchmark's JSON line and ratio table, and the memory model behind --memory-budget."""
+
+import json
+
+import pytest
+
+from conftest import horovodrun, run_module
+from hvdmri.bench.compare import ratio_table
+from hvdmri.bench.measure import step_summary
+from hvdmri.memory import (MEMORY_MODEL_GIB, check_memory_budget, estimate_worker_memory_gib, fit_memory_model,
+                           largest_batch_size)
+from hvdmri.distributed import UsageError
+
+TINY = ["--image-size", "32", "--batch-size", "2", "--warmup-steps", "1", "--steps", "2", "--breakdown-steps", "1"]
+LINE_FIELDS = ("name", "mode", "input", "np", "image_size", "batch_size", "precision_used", "world_size",
+               "images_per_s", "images_per_s_per_worker", "step_s", "step_s_per_worker", "breakdown_s_per_worker",
+               "peak_rss_gib_per_worker", "load_average_start", "load_average_end", "tensorflow", "horovod")
+
+
+def json_lines(output: str) -> list[dict]:
+    """The benchmark lines in output, also when horovodrun prefixed them with "[0]<stdout>:"."""
+    return [json.loads(line[line.index("{"):]) for line in output.splitlines() if '{"name"' in line]
+
+
+def test_step_summary_skips_warmup():
+    # Step ends at 1, 3, 4, 6 s with 2 warm-up steps: timed steps last 1 s and 2 s.
+    summary = step_summary([1.0, 3.0, 4.0, 6.0], warmup_steps=2, batch_size=4)
+    assert summary["timed_steps"] == 2
+    assert summary["step_s"] == pytest.approx(1.5)
+    assert summary["step_s_min"] == pytest.approx(1.0)
+    assert summary["step_s_max"] == pytest.approx(2.0)
+    assert summary["images_per_s"] == pytest.approx(8 / 3)
+
+
+def test_ratio_table_pairs_rounds():
+    def line(name, speed, round_number):
+        return {"name": name, "round": round_number, "images_per_s": speed, "step_s": 1.0,
+                "peak_rss_gib_per_worker": [1.5], "load_average_start": [1.0, 0, 0], "load_average_end": [2.0, 0, 0]}
+
+    # Round 1: b/a = 12/10 = 1.2; round 2: b/a = 9/10 = 0.9; median 1.05.
+    lines = [line("a", 10, 1), line("b", 12, 1), line("a", 10, 2), line("b", 9, 2),
+             {"name": "c", "round": 1, "error": "failed"}]
+    rows = {row.split("|")[1].strip(): row for row in ratio_table(lines, ["a", "b", "c"]).splitlines()}
+    assert "| 1.000 | 1.000-1.000 |" in rows["a"]
+    assert "| 1.050 | 0.900-1.200 |" in rows["b"]
+    assert "failed" in rows["c"]
+
+
+@pytest.mark.parametrize("precision", [*MEMORY_MODEL_GIB, "auto"])
+def test_memory_model_grows_with_batch_and_size(precision):
+    by_batch = [estimate_worker_memory_gib(batch, 224, precision) for batch in (1, 8, 16, 32, 64)]
+    by_size = [estimate_worker_memory_gib(16, size, precision) for size in (32, 96, 160, 224, 320)]
+    assert by_batch == sorted(by_batch)
+    assert len(set(by_batch)) == len(by_batch)
+    assert by_size == sorted(by_size)
+    assert len(set(by_size)) == len(by_size)
+
+
+def test_default_batch_leaves_two_gib_of_eight():
+    # The defaults of hvdmri.train: batch 16 at 224 px.
+    assert estimate_worker_memory_gib(16, 224, "auto") <= 6.0
+
+
+def test_largest_batch_fits_and_next_does_not():
+    budget = 5.0
+    largest = largest_batch_size(budget, 224, "float32")
+    assert largest >= 1
+    assert estimate_worker_memory_gib(largest, 224, "float32") <= budget
+    assert estimate_worker_memory_gib(largest + 1, 224, "float32") > budget
+    assert largest_batch_size(0.1, 224, "float32") == 0
+
+
+def test_fit_recovers_exact_coefficients():
+    # Points on rss = 1.5 + 0.1 * batch * (size/224)^2; at 112 px a batch of 16 counts as 4.
+    points = [(8, 224, 2.3), (16, 224, 3.1), (16, 112, 1.9), (64, 224, 7.9)]
+    fixed, per_image = fit_memory_model(points)
+    assert fixed == pytest.approx(1.5)
+    assert per_image == pytest.approx(0.1)
+
+
+def test_fit_needs_two_different_points():
+    with pytest.raises(ValueError, match="at least two"):
+        fit_memory_model([(8, 224, 2.0), (8, 224, 2.1)])
+
+
+def test_memory_budget_names_largest_batch():
+    with pytest.raises(UsageError) as raised:
+        check_memory_budget(4.0, 64, 224, "float32")
+    largest = largest_batch_size(4.0, 224, "float32")
+    assert f"the largest batch size that fits is {largest}" in str(raised.value)
+    assert "--memory-budget 4" in str(raised.value)
+    check_memory_budget(4.0, largest, 224, "float32")
+
+
+def test_memory_budget_below_one_image():
+    with pytest.raises(UsageError, match="even batch size 1 does not fit"):
+        check_memory_budget(0.2, 8, 224, "float32")
+
+
+@pytest.mark.slow
+def test_train_rejects_batch_over_budget(phantom_dir, tmp_path):
+    budget = estimate_worker_memory_gib(8, 224, "float32") + 0.01
+    run = run_module(["hvdmri.train", "--data", str(phantom_dir), "--weights", "none", "--precision", "float32",
+                      "--batch-size", "64", "--memory-budget", f"{budget:.3f}",
+                      "--run-dir", str(tmp_path / "run")], timeout=300)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "--memory-budget" in run.stderr
+    assert "the largest batch size that fits is 8 (pass --batch-size 8)" in run.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_real_input_without_data_is_rejected():
+    run = run_module(["hvdmri.bench", "--input", "real"], timeout=120)
+    assert run.returncode == 2
+    assert "--input real needs --data DIR" in run.stderr
+
+
+@pytest.mark.slow
+def test_compare_prints_lines_and_ratios(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    run = run_module(["hvdmri.bench", *TINY, "--precision", "float32", "--out", str(out),
+                      "--config", "hvdmri=", "--config", "keras=--mode keras"], timeout=900)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = json_lines(run.stdout)
+    assert [line["name"] for line in lines] == ["hvdmri", "keras"]
+    assert [json.loads(text)["name"] for text in out.read_text().splitlines()] == ["hvdmri", "keras"]
+    for line in lines:
+        for field in LINE_FIELDS:
+            assert field in line, field
+        assert line["images_per_s"] > 0
+        assert line["precision_used"] == "float32"
+        assert 0 < line["peak_rss_gib_per_worker"][0] < 8
+    assert set(lines[0]["breakdown_s_per_worker"][0]) == {"input_wait", "compute", "allreduce", "update"}
+    assert lines[1]["breakdown_s_per_worker"] == [None]
+    table = [row for row in run.stdout.splitlines() if row.startswith("| ")]
+    assert table[0].startswith("| configuration |")
+    assert table[2].startswith("| hvdmri |")
+    assert "| 1.000 |" in table[2]
+    assert table[3].startswith("| keras |")
+
+
+@pytest.mark.slow
+def test_horovodrun_two_workers_report_both(tmp_path):
+    run = horovodrun(2, ["-m", "hvdmri.bench", *TINY, "--fp16-allreduce"], timeout=900)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = json_lines(run.stdout)
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["world_size"] == 2
+    assert line["fp16_allreduce"] is True
+    assert len(line["images_per_s_per_worker"]) == 2
+    assert line["images_per_s"] == pytest.approx(sum(line["images_per_s_per_worker"]), rel=1e-3)
+    assert len(line["peak_rss_gib_per_worker"]) == 2
+    assert all(parts["allreduce"] > 0 for parts in line["breakdown_s_per_worker"])
