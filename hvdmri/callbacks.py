@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -92,14 +91,14 @@ class EpochLogger(tf.keras.callbacks.Callback):
     shows Keras' progress bar (horovodrun pipes the workers' output)."""
 
     def __init__(self, total_epochs: int, phase: str, steps_per_epoch: int, global_batch_size: int,
-                 interval: float = 30.0):
+                 interval: float = 30.0, step_lines: bool | None = None):
         super().__init__()
         self.total_epochs = total_epochs
         self.phase = phase
         self.steps_per_epoch = steps_per_epoch
         self.global_batch_size = global_batch_size
         self.interval = interval
-        self.step_lines = not sys.stdout.isatty()
+        self.step_lines = not sys.stdout.isatty() if step_lines is None else step_lines
         self._epoch_start = 0.0
         self._last_line = 0.0
 
@@ -139,12 +138,20 @@ HISTORY_COLUMNS = ("epoch", "phase", "lr", "loss", "accuracy", "val_loss", "val_
 class RunRecorder(tf.keras.callbacks.Callback):
     """Rank 0: after each epoch, rewrite history.csv and the checkpoints atomically.
 
-    checkpoints/last.weights.h5 always contains the latest epoch; best.weights.h5 the
-    epoch with the highest val_accuracy so far.
+    checkpoints/epoch-NNNN.weights.h5 contains epoch NNNN, and the newest `keep` of
+    them are kept; last.weights.h5 always contains the latest epoch; best.weights.h5 the
+    epoch with the highest val_accuracy so far, ties going to the lower val_loss (without
+    a validation set, the latest epoch). An epoch whose loss is not finite is recorded in
+    the history but never checkpointed, so a resume starts from the last sound weights.
     """
 
-    def __init__(self, run_dir: Path, phase: str, history: list[dict], best: dict):
+    def __init__(self, run_dir: Path, phase: str, history: list[dict], best: dict,
+                 weights_model: tf.keras.Model | None = None, keep: int = 2):
         super().__init__()
+        self.keep = keep  # epoch-numbered checkpoint files to keep
+        # The model whose weights are checkpointed, when fit() trains only a part of
+        # it (the head on stored features); None saves the model fit() trains.
+        self.weights_model = weights_model
         self.run_dir = Path(run_dir)
         self.phase = phase
         self.history = history  # shared across phases, so the CSV lists every epoch
@@ -159,22 +166,76 @@ class RunRecorder(tf.keras.callbacks.Callback):
 
         # Checkpoint first, state next, history last: a crash between two writes
         # leaves the history behind the checkpoint, never ahead of it.
+        if diverged(logs):
+            self.history.append(row)
+            runs.write_text(self.run_dir / runs.HISTORY_FILE, history_csv(self.history))
+            return
         checkpoints = self.run_dir / runs.CHECKPOINT_DIR
-        last = checkpoints / "last.weights.h5"
-        with runs.atomic_path(last) as temporary:
-            self.model.save_weights(str(temporary))
-        val_accuracy = row["val_accuracy"]
-        improved = not math.isnan(val_accuracy) and val_accuracy > self.best.get("val_accuracy", -1.0)
-        if improved or not (checkpoints / "best.weights.h5").exists():
-            with runs.atomic_path(checkpoints / "best.weights.h5") as temporary:
-                shutil.copyfile(last, temporary)
-            self.best.update(epoch=epoch + 1, phase=self.phase,
-                             val_accuracy=val_accuracy if not math.isnan(val_accuracy) else -1.0)
-        runs.write_json(checkpoints / "state.json", {
-            "last_epoch": epoch + 1, "phase": self.phase, "best": self.best,
-        })
+        try:
+            self.write_checkpoints(checkpoints, epoch + 1, row)
+        except OSError as error:
+            raise runs.CheckpointWriteError(checkpoints, error) from error
         self.history.append(row)
-        runs.write_text(self.run_dir / runs.HISTORY_FILE, history_csv(self.history))
+        try:
+            runs.write_text(self.run_dir / runs.HISTORY_FILE, history_csv(self.history))
+        except OSError as error:
+            raise runs.CheckpointWriteError(self.run_dir, error) from error
+        runs.prune_checkpoints(checkpoints, self.keep)
+
+    def write_checkpoints(self, checkpoints: Path, epoch: int, row: dict) -> None:
+        """Write the epoch's weights file, then point best, state.json and last at it.
+
+        state.json names the file it belongs to, so a crash between two steps leaves
+        a state that matches its checkpoint.
+        """
+        epoch_file = checkpoints / runs.epoch_checkpoint_name(epoch)
+        with runs.atomic_path(epoch_file) as temporary:
+            (self.weights_model or self.model).save_weights(str(temporary))
+        if self.is_best(row):
+            runs.link_or_copy(epoch_file, checkpoints / "best.weights.h5")
+            self.best.clear()
+            self.best.update(epoch=epoch, phase=self.phase, val_accuracy=row["val_accuracy"],
+                             val_loss=row["val_loss"])
+        runs.write_json(checkpoints / "state.json", {
+            "last_epoch": epoch, "phase": self.phase, "best": self.best, "checkpoint": epoch_file.name,
+        })
+        runs.link_or_copy(epoch_file, checkpoints / "last.weights.h5")
+
+
+    def is_best(self, row: dict) -> bool:
+        if not self.best or math.isnan(row["val_accuracy"]):
+            return True
+        best_accuracy = self.best.get("val_accuracy")
+        best_accuracy = -1.0 if best_accuracy is None or math.isnan(best_accuracy) else best_accuracy
+        if row["val_accuracy"] != best_accuracy:
+            return row["val_accuracy"] > best_accuracy
+        best_loss = self.best.get("val_loss")
+        return best_loss is None or math.isnan(best_loss) or row["val_loss"] < best_loss
+
+
+def diverged(logs: dict) -> bool:
+    """Return whether the epoch's training loss, or its validation loss when there is one, is not finite."""
+    losses = [logs.get("loss", math.nan)] + ([logs["val_loss"]] if "val_loss" in logs else [])
+    return not all(math.isfinite(float(value)) for value in losses)
+
+
+class StopOnDivergence(tf.keras.callbacks.Callback):
+    """Stop training after an epoch whose loss is not finite; remember that epoch.
+
+    At epoch end every rank holds the same averaged loss and global validation
+    loss, so all ranks stop after the same epoch. Keras' TerminateOnNaN checks each
+    rank's own batch loss, and a rank that stopped alone would hang the others.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.epoch: int | None = None  # 1-based epoch that diverged
+        self.loss = math.nan
+
+    def on_epoch_end(self, epoch, logs=None):
+        if diverged(logs or {}):
+            self.epoch, self.loss = epoch + 1, float((logs or {}).get("loss", math.nan))
+            self.model.stop_training = True
 
 
 def history_csv(rows: list[dict]) -> str:
@@ -185,6 +246,31 @@ def history_csv(rows: list[dict]) -> str:
         writer.writerow({key: (f"{value:.6g}" if isinstance(value, float) else value)
                          for key, value in row.items()})
     return buffer.getvalue()
+
+
+def learning_rate_schedule(scaled_lr: float, start_epoch: int, end_epoch: int, warmup_epochs: float,
+                           steps_per_epoch: int) -> list[tf.keras.callbacks.Callback]:
+    """Return Horovod's callbacks for one phase: an optional warm-up, then a cosine decay to 1%.
+
+    Args:
+        warmup_epochs: epochs over which the rate ramps from scaled_lr / world_size
+            up to scaled_lr (0: none; capped at the phase's length).
+    """
+    import horovod.tensorflow.keras as hvd
+
+    callbacks = []
+    decay_start = start_epoch
+    if warmup_epochs > 0:
+        # Horovod: ramp up from the single-worker rate; a large scaled rate from
+        # step one destabilises early training.
+        warmup = min(warmup_epochs, end_epoch - start_epoch)
+        callbacks.append(hvd.callbacks.LearningRateWarmupCallback(
+            initial_lr=scaled_lr, warmup_epochs=warmup, steps_per_epoch=steps_per_epoch, verbose=0))
+        decay_start = start_epoch + warmup
+    callbacks.append(hvd.callbacks.LearningRateScheduleCallback(
+        initial_lr=scaled_lr, multiplier=cosine_multiplier(decay_start, end_epoch, floor=0.01),
+        start_epoch=decay_start, end_epoch=end_epoch, staircase=False, steps_per_epoch=steps_per_epoch))
+    return callbacks
 
 
 def cosine_multiplier(start_epoch: float, end_epoch: float, floor: float = 0.0):

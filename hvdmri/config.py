@@ -6,7 +6,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from hvdmri.cli import CommandParser, fraction, image_size, non_negative_int, positive_int
+from hvdmri.cli import (command_parser, fraction, image_size, non_negative_float, non_negative_int, open_unit_interval,
+                        positive_float, positive_int)
 from hvdmri.model import BASE_STAGES
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
@@ -54,21 +55,23 @@ class TrainConfig:
     scratch_bn_momentum: float = 0.9
     warmup_epochs: float = 1.0
     augment: bool = True
+    cache_dir: str | None = None
+    feature_cache: bool = False
     precision: str = "auto"
     threads: int | None = None
     fp16_allreduce: bool = False
+    memory_budget: float | None = None
+    elastic: bool = False
+    keep_checkpoints: int = 2
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = CommandParser(
-        prog="python -m hvdmri.train",
-        description="Train a 4-class brain MRI tumor classifier (ResNet-50) data-parallel with Horovod.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser("python -m hvdmri.train",
+                            "Train a 4-class brain MRI tumor classifier (ResNet-50) data-parallel with Horovod.",
+                            EXAMPLES)
     d = TrainConfig()
     data = parser.add_argument_group("data")
     data.add_argument("--data", help="training folder with one subfolder per class "
@@ -86,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "an evaluation on TEST_DIR measures images the model never saw")
     data.add_argument("--no-augment", dest="augment", action="store_false",
                       help="turn off flip/rotation/zoom/brightness augmentation")
+    data.add_argument("--cache-dir", metavar="DIR",
+                      help="keep each rank's decoded, resized images in DIR/rank<N>-<size>px-<split> "
+                           "on local disk from the first epoch on, so later epochs skip decoding; "
+                           "needs images x size x size x 3 bytes (default: decode every epoch)")
+    data.add_argument("--feature-cache", action="store_true",
+                      help="in phase 1 (frozen base) without augmentation, run the base once per image "
+                           "and train the head on the stored pooled features (see docs/PIPELINE.md)")
 
     model = parser.add_argument_group("model and phases")
     model.add_argument("--weights", default=d.weights,
@@ -96,27 +106,27 @@ def build_parser() -> argparse.ArgumentParser:
                             f"number of workers (default {d.batch_size})")
     model.add_argument("--head-epochs", type=non_negative_int, default=d.head_epochs,
                        help=f"phase 1 epochs: head only, base frozen (default {d.head_epochs})")
-    model.add_argument("--head-lr", type=float, default=d.head_lr,
+    model.add_argument("--head-lr", type=positive_float, default=d.head_lr,
                        help=f"phase 1 learning rate per worker (default {d.head_lr})")
     model.add_argument("--finetune-epochs", type=non_negative_int, default=d.finetune_epochs,
                        help=f"phase 2 epochs: top stages of the base train too (default {d.finetune_epochs})")
-    model.add_argument("--finetune-lr", type=float, default=d.finetune_lr,
+    model.add_argument("--finetune-lr", type=positive_float, default=d.finetune_lr,
                        help=f"phase 2 learning rate per worker (default {d.finetune_lr})")
     model.add_argument("--finetune-from", choices=BASE_STAGES[1:], default=d.finetune_from,
                        help=f"first ResNet-50 stage that trains in phase 2 (default {d.finetune_from})")
     model.add_argument("--full-epochs", type=non_negative_int, default=d.full_epochs,
                        help=f"phase 3 epochs: the whole network trains (default {d.full_epochs})")
-    model.add_argument("--full-lr", type=float, default=d.full_lr,
+    model.add_argument("--full-lr", type=positive_float, default=d.full_lr,
                        help=f"phase 3 learning rate per worker (default {d.full_lr})")
     model.add_argument("--scratch-epochs", type=non_negative_int, default=d.scratch_epochs,
                        help=f"with --weights none: epochs of whole-network training, replacing "
                             f"phases 1-3 (default {d.scratch_epochs})")
-    model.add_argument("--scratch-lr", type=float, default=d.scratch_lr,
+    model.add_argument("--scratch-lr", type=positive_float, default=d.scratch_lr,
                        help=f"with --weights none: learning rate per worker (default {d.scratch_lr})")
-    model.add_argument("--scratch-bn-momentum", type=float, default=d.scratch_bn_momentum,
+    model.add_argument("--scratch-bn-momentum", type=open_unit_interval, default=d.scratch_bn_momentum,
                        help=f"with --weights none: BatchNormalization moving-average momentum "
                             f"(Keras uses 0.99; default {d.scratch_bn_momentum})")
-    model.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
+    model.add_argument("--warmup-epochs", type=non_negative_float, default=d.warmup_epochs,
                        help=f"epochs over which the learning rate ramps from the single-worker "
                             f"rate to the scaled rate (default {d.warmup_epochs})")
 
@@ -130,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
                               "its workers)")
     runtime.add_argument("--fp16-allreduce", action="store_true",
                          help="send gradients as float16 in the allreduce (halves network traffic)")
+    runtime.add_argument("--memory-budget", type=positive_float, metavar="GIB",
+                         help="peak memory one worker may use, in GiB; a --batch-size whose estimate "
+                              "(hvdmri/memory.py, fitted to measurements) exceeds it is rejected before "
+                              "training (default: no check)")
+    runtime.add_argument("--elastic", action="store_true",
+                         help="keep training when workers leave or join; start with horovodrun --min-np, "
+                              "--max-np and --host-discovery-script (see docs/CLUSTER.md)")
+    runtime.add_argument("--keep-checkpoints", type=positive_int, default=d.keep_checkpoints, metavar="K",
+                         help=f"keep the newest K per-epoch checkpoints (checkpoints/epoch-NNNN.weights.h5) "
+                              f"besides last and best (default {d.keep_checkpoints})")
     return parser
 
 

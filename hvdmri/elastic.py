@@ -295,10 +295,10 @@ def train_on_current_workers(state: TrainingState) -> Path:
     commit (after a failure) or just committed (after hosts were added or removed).
     """
     from hvdmri.callbacks import (AverageBatchNormStatistics, EpochLogger, GlobalValidation, RunRecorder,
-                                  StopOnDivergence, cosine_multiplier)
+                                  StopOnDivergence, learning_rate_schedule)
     from hvdmri.data.pipeline import DecodeFailureReport, DecodeFailures, make_dataset
-    from hvdmri.data.split import shard, steps_per_epoch
-    from hvdmri.train import finish_run, resolve_data_root
+    from hvdmri.data.split import shard
+    from hvdmri.train import RankShards, finish_run, resolve_data_root
 
     workers = current_workers()
     setup_logging(workers.rank)
@@ -310,16 +310,13 @@ def train_on_current_workers(state: TrainingState) -> Path:
     # Every node has the data at the same path; the phantom set is generated where missing.
     data_root = Path(plan["data_root"]) if config.data else resolve_data_root(config)
 
-    paths = [str(data_root / relative) for relative in plan["paths"]]
-    labels = np.asarray(plan["labels"], np.int32)
-    train_idx = shard(np.asarray(plan["train_idx"], int), workers.rank, workers.world_size)
-    val_idx = shard(np.asarray(plan["val_idx"], int), workers.rank, workers.world_size)
-    steps = steps_per_epoch(len(plan["train_idx"]), workers.world_size, config.batch_size)
+    shards = RankShards.of(plan, data_root, workers, config.batch_size)
+    steps = shards.steps
     decode_failures = DecodeFailures()
-    train_ds = make_dataset([paths[i] for i in train_idx], labels[train_idx].tolist(), config.image_size,
+    train_ds = make_dataset(shards.train_paths, shards.train_labels, config.image_size,
                             config.batch_size, training=True, seed=config.seed + workers.rank,
                             augment=config.augment, failures=decode_failures)
-    val_ds = make_dataset([paths[i] for i in val_idx], labels[val_idx].tolist(), config.image_size,
+    val_ds = make_dataset(shards.val_paths, shards.val_labels, config.image_size,
                           config.batch_size, training=False, failures=decode_failures)
     log.info("elastic: world_size=%d from epoch %d of %d: at most %d training images per worker, global "
              "batch %d, %d steps per epoch", workers.world_size, state.epoch + 1, state.total_epochs,
@@ -342,15 +339,8 @@ def train_on_current_workers(state: TrainingState) -> Path:
             divergence,
             DecodeFailureReport(decode_failures),
         ]
-        decay_start = setup.first_epoch
-        if setup.number == 0 and config.warmup_epochs > 0:
-            warmup = min(config.warmup_epochs, phase.epochs)
-            callbacks.append(hvd.callbacks.LearningRateWarmupCallback(
-                initial_lr=setup.scaled_lr, warmup_epochs=warmup, steps_per_epoch=steps, verbose=0))
-            decay_start = setup.first_epoch + warmup
-        callbacks.append(hvd.callbacks.LearningRateScheduleCallback(
-            initial_lr=setup.scaled_lr, multiplier=cosine_multiplier(decay_start, setup.end_epoch, floor=0.01),
-            start_epoch=decay_start, end_epoch=setup.end_epoch, staircase=False, steps_per_epoch=steps))
+        callbacks += learning_rate_schedule(setup.scaled_lr, setup.first_epoch, setup.end_epoch,
+                                            config.warmup_epochs if setup.number == 0 else 0, steps)
         if workers.is_chief:
             callbacks += [
                 EpochLogger(state.total_epochs, phase.name, steps, workers.world_size * config.batch_size),

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hvdmri.cli import run_command
 from hvdmri.config import TrainConfig, parse_args
 from hvdmri.distributed import UsageError, Workers, get_logger, run_on_chief, setup_horovod
 
@@ -75,6 +74,7 @@ def prepare_run(config: TrainConfig, world_size: int) -> dict:
     from hvdmri.data.split import stratified_split
     from hvdmri.resume import find_resume_point
 
+    check_paths(config)
     data_root = resolve_data_root(config)
     listing = list_images(data_root)
     started = time.time()
@@ -100,11 +100,20 @@ def prepare_run(config: TrainConfig, world_size: int) -> dict:
                          f"in {data_root}: every worker needs at least one image")
 
     run_dir = Path(config.run_dir or f"runs/run-{datetime.datetime.now():%Y%m%d-%H%M%S}").resolve()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--run-dir {run_dir} is a file; give a folder")
     if (run_dir / runs.MODEL_FILE).exists():
         raise UsageError(f"--run-dir {run_dir} already contains a finished run ({runs.MODEL_FILE}); "
                          f"choose another folder")
-    resume = find_resume_point(run_dir, config.to_dict())
-    run_dir.mkdir(parents=True, exist_ok=True)
+    global _created_run_dir, _run_dir_lock
+    if not run_dir.exists():
+        run_dir.mkdir(parents=True)
+        _created_run_dir = run_dir
+    if _run_dir_lock is None or Path(_run_dir_lock.name).parent != run_dir:
+        # Elastic mode may prepare the run again in this process after a reset. A
+        # second flock from this process would then conflict with its own first one.
+        _run_dir_lock = runs.lock_run_dir(run_dir)
+    resume = find_resume_point(run_dir, {**config.to_dict(), "data": str(data_root) if config.data else None})
     runs.write_json(run_dir / runs.CLASSES_FILE, {"class_names": list(listing.class_names)})
     return {
         "resume": dataclasses.asdict(resume) if resume else None,
@@ -121,6 +130,21 @@ def prepare_run(config: TrainConfig, world_size: int) -> dict:
     }
 
 
+# Rank 0 holds the run folder's lock for the whole run, and remembers whether it
+# made the folder, so that a failed start can remove it again.
+_run_dir_lock = None
+_created_run_dir: Path | None = None
+
+
+def check_paths(config: TrainConfig) -> None:
+    """Fail before any work when a folder or file named by a flag is missing."""
+    if config.exclude_duplicates_of and not Path(config.exclude_duplicates_of).is_dir():
+        raise UsageError(f"--exclude-duplicates-of {config.exclude_duplicates_of}: no such folder")
+    if config.weights not in ("none", "imagenet") and not Path(config.weights).is_file():
+        raise UsageError(f"--weights {config.weights}: file not found (give a ResNet-50 no-top weights "
+                         f"file, imagenet or none)")
+
+
 def resolve_data_root(config: TrainConfig) -> Path:
     """Return --data, or the phantom set's Training folder (generated on first use)."""
     if config.data:
@@ -128,6 +152,31 @@ def resolve_data_root(config: TrainConfig) -> Path:
     from hvdmri.data.synth import ensure_phantom_set
 
     return ensure_phantom_set() / "Training"
+
+
+@dataclass(frozen=True)
+class RankShards:
+    """This rank's share of the plan's training and validation images, and the steps every rank runs."""
+
+    train_paths: list[str]
+    train_labels: list[int]
+    val_paths: list[str]
+    val_labels: list[int]
+    steps: int
+
+    @classmethod
+    def of(cls, plan: dict, data_root: Path, workers: Workers, batch_size: int) -> "RankShards":
+        import numpy as np
+
+        from hvdmri.data.split import shard, steps_per_epoch
+
+        train_idx = shard(np.asarray(plan["train_idx"], int), workers.rank, workers.world_size)
+        val_idx = shard(np.asarray(plan["val_idx"], int), workers.rank, workers.world_size)
+        return cls([str(data_root / plan["paths"][i]) for i in train_idx],
+                   [int(plan["labels"][i]) for i in train_idx],
+                   [str(data_root / plan["paths"][i]) for i in val_idx],
+                   [int(plan["labels"][i]) for i in val_idx],
+                   steps_per_epoch(len(plan["train_idx"]), workers.world_size, batch_size))
 
 
 def check_data_on_every_rank(workers: Workers, config: TrainConfig, plan: dict) -> Path:
@@ -161,7 +210,15 @@ def check_data_on_every_rank(workers: Workers, config: TrainConfig, plan: dict) 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    return run_command("hvdmri.train", lambda: train(config))
+    from hvdmri.stopping import run_stoppable
+
+    try:
+        return run_stoppable("hvdmri.train", lambda: train(config))
+    finally:
+        if _created_run_dir is not None:
+            from hvdmri.runs import remove_if_unused
+
+            remove_if_unused(_created_run_dir)
 
 
 def train(config: TrainConfig) -> Path:
@@ -175,18 +232,37 @@ def train(config: TrainConfig) -> Path:
 
     from hvdmri import runs
     from hvdmri.callbacks import (AverageBatchNormStatistics, EpochLogger, GlobalValidation, RunRecorder,
-                                  cosine_multiplier)
+                                  StopOnDivergence, learning_rate_schedule)
+    from hvdmri.data.cache import open_rank_caches
     from hvdmri.data.pipeline import DecodeFailureReport, DecodeFailures, make_dataset
-    from hvdmri.data.split import shard, steps_per_epoch
+    from hvdmri.features import use_feature_cache
     from hvdmri.model import build_model, resolve_weights, set_batchnorm_momentum, set_trainable
+    from hvdmri.stopping import (StopAtStepBoundary, TrainingStopped, finish_stop, fit_rest_of_epoch,
+                                 remove_leftovers, stop_request)
 
     phases = plan_phases(config)
+    if config.memory_budget:
+        from hvdmri.memory import check_memory_budget
+
+        # Every rank checks the same numbers, so all of them stop, before any data is decoded.
+        check_memory_budget(config.memory_budget, config.batch_size, config.image_size,
+                            resolve_precision(config.precision))
+    # Absolute paths, so config.json and the resume check compare like with like.
+    config = replace(config, **{name: str(Path(getattr(config, name)).resolve())
+                                for name in ("data", "exclude_duplicates_of") if getattr(config, name)})
+    if config.elastic:
+        # No collective may run before the elastic state sync: a worker that joins a
+        # running job meets the others there.
+        from hvdmri.elastic import train_elastic
+
+        return train_elastic(config, phases)
     plan = run_on_chief(workers, lambda: prepare_run(config, workers.world_size), "prepare_run")
     data_root = check_data_on_every_rank(workers, config, plan)
     run_dir = Path(plan["run_dir"])
     config = replace(config, run_dir=str(run_dir), data=str(data_root) if config.data else None)
     class_names = tuple(plan["class_names"])
     if workers.is_chief:
+        remove_leftovers(run_dir)
         runs.write_json(run_dir / runs.CONFIG_FILE, {
             **config.to_dict(), "data_root": plan["data_root"], "world_size": workers.world_size,
             "class_names": list(class_names), "train_images": len(plan["train_idx"]),
@@ -205,17 +281,18 @@ def train(config: TrainConfig) -> Path:
     tf.keras.utils.set_random_seed(config.seed)
 
     # Data: this rank's shard of the training and validation sets.
-    paths = [str(data_root / p) for p in plan["paths"]]
-    labels = np.asarray(plan["labels"], np.int32)
-    train_idx = shard(np.asarray(plan["train_idx"], int), workers.rank, workers.world_size)
-    val_idx = shard(np.asarray(plan["val_idx"], int), workers.rank, workers.world_size)
-    steps = steps_per_epoch(len(plan["train_idx"]), workers.world_size, config.batch_size)
+    shards = RankShards.of(plan, data_root, workers, config.batch_size)
+    steps, train_paths, val_paths = shards.steps, shards.train_paths, shards.val_paths
     decode_failures = DecodeFailures()
-    train_ds = make_dataset([paths[i] for i in train_idx], labels[train_idx].tolist(), config.image_size,
+    train_cache = val_cache = None
+    if config.cache_dir:
+        train_cache, val_cache = open_rank_caches(config.cache_dir, workers.rank, config.image_size,
+                                                  train_paths, val_paths)
+    train_ds = make_dataset(train_paths, shards.train_labels, config.image_size,
                             config.batch_size, training=True, seed=config.seed + workers.rank,
-                            augment=config.augment, failures=decode_failures)
-    val_ds = make_dataset([paths[i] for i in val_idx], labels[val_idx].tolist(), config.image_size,
-                          config.batch_size, training=False, failures=decode_failures)
+                            augment=config.augment, failures=decode_failures, cache=train_cache)
+    val_ds = make_dataset(val_paths, shards.val_labels, config.image_size,
+                          config.batch_size, training=False, failures=decode_failures, cache=val_cache)
     log.info("data: %s, %d training and %d validation images, classes %s",
              plan["data_root"], len(plan["train_idx"]), len(plan["val_idx"]), ", ".join(class_names))
     log.info("global batch %d = %d workers x %d; %d steps per epoch", workers.world_size * config.batch_size,
@@ -236,6 +313,7 @@ def train(config: TrainConfig) -> Path:
     total_epochs = sum(phase.epochs for phase in phases)
     resume = plan["resume"]
     start_epoch = resume["epoch"] if resume else 0
+    resume_step = resume["step"] if resume else 0  # steps of epoch start_epoch + 1 done before a clean stop
     history: list[dict] = resume["history"] if resume else []
     best: dict = resume["best"] if resume else {}
     if resume:
@@ -246,6 +324,10 @@ def train(config: TrainConfig) -> Path:
                      "to %d x the per-worker rate", resume["world_size"], workers.world_size,
                      workers.world_size)
     compression = hvd.Compression.fp16 if config.fp16_allreduce else hvd.Compression.none
+    divergence = StopOnDivergence()
+    # Keras' progress bar only in a terminal of a single worker: mpirun gives ranks a
+    # pseudo-terminal, and bars from a job would interleave with the per-epoch lines.
+    interactive = sys.stdout.isatty() and workers.world_size == 1
     epoch = 0
     started = time.time()
     for number, phase in enumerate(phases):
@@ -264,11 +346,27 @@ def train(config: TrainConfig) -> Path:
                  scaled_lr, phase.lr, workers.world_size)
         if resume and epoch <= start_epoch:
             # The first phase of a resumed run: inside the phase, the optimizer state
-            # continues too; at a phase boundary the new phase starts a fresh optimizer.
-            restore_checkpoint(workers, model, run_dir, with_optimizer=start_epoch > epoch)
+            # continues too; at a phase boundary the new phase starts a fresh optimizer,
+            # unless a clean stop saved it some steps into the phase.
+            restore_checkpoint(workers, model, run_dir, with_optimizer=start_epoch > epoch or resume_step > 0,
+                               checkpoint=resume["checkpoint"])
+        # Phase 1 may train the head alone on stored base features; it shares its
+        # layers and optimizer with model, which is what the checkpoints save.
+        fit_model, fit_train_ds, fit_val_ds = model, train_ds, val_ds
+        if config.feature_cache and number == 0:
+            head = use_feature_cache(
+                model, base_frozen=phase.train_from is None, augment=config.augment,
+                image_size=config.image_size, batch_size=config.batch_size, seed=config.seed + workers.rank,
+                train_paths=train_paths, train_labels=np.asarray(shards.train_labels), val_paths=val_paths,
+                val_labels=np.asarray(shards.val_labels), train_cache=train_cache, val_cache=val_cache,
+                failures=decode_failures)
+            if head is not None:
+                fit_model, fit_train_ds, fit_val_ds = head.model, head.train, head.val
 
         end = epoch + phase.epochs
         callbacks = [
+            # Every rank, after every step: all ranks stop after the same step or none does.
+            StopAtStepBoundary(stop_request, run_dir, workers.is_chief, workers.world_size),
             # Horovod: start every rank from rank 0's weights and optimizer state.
             hvd.callbacks.BroadcastGlobalVariablesCallback(0),
             # Horovod: average the training metrics over ranks (equal step counts make
@@ -276,41 +374,55 @@ def train(config: TrainConfig) -> Path:
             hvd.callbacks.MetricAverageCallback(),
             # Before validation and checkpoints, so both see the same model on every rank.
             AverageBatchNormStatistics(),
-            GlobalValidation(val_ds),
+            GlobalValidation(fit_val_ds),
+            divergence,
             # Every rank: the per-epoch count of undecodable images is an allgather.
             DecodeFailureReport(decode_failures),
         ]
-        decay_start = epoch
-        if number == 0 and config.warmup_epochs > 0:
-            # Horovod: ramp up from the single-worker rate; a large scaled rate from
-            # step one destabilises early training.
-            warmup = min(config.warmup_epochs, phase.epochs)
-            callbacks.append(hvd.callbacks.LearningRateWarmupCallback(
-                initial_lr=scaled_lr, warmup_epochs=warmup, steps_per_epoch=steps, verbose=0))
-            decay_start = epoch + warmup
-        callbacks.append(hvd.callbacks.LearningRateScheduleCallback(
-            initial_lr=scaled_lr, multiplier=cosine_multiplier(decay_start, end, floor=0.01),
-            start_epoch=decay_start, end_epoch=end, staircase=False, steps_per_epoch=steps))
+        callbacks += learning_rate_schedule(scaled_lr, epoch, end, config.warmup_epochs if number == 0 else 0,
+                                            steps)
         if workers.is_chief:
             callbacks += [
-                EpochLogger(total_epochs, phase.name, steps, workers.world_size * config.batch_size),
-                RunRecorder(run_dir, phase.name, history, best),
+                EpochLogger(total_epochs, phase.name, steps, workers.world_size * config.batch_size,
+                            step_lines=not interactive),
+                RunRecorder(run_dir, phase.name, history, best, weights_model=model, keep=config.keep_checkpoints),
             ]
-        model.fit(train_ds, initial_epoch=max(epoch, start_epoch), epochs=end, steps_per_epoch=steps,
-                  callbacks=callbacks,
-                  verbose=1 if (workers.is_chief and sys.stdout.isatty()) else 0)
+        verbose = 1 if (workers.is_chief and interactive) else 0
+        first_epoch = max(epoch, start_epoch)
+        try:
+            if resume_step:
+                fit_rest_of_epoch(fit_model, fit_train_ds, callbacks, first_epoch, resume_step, steps,
+                                  resume["metric_sums"], verbose)
+                first_epoch, resume_step = first_epoch + 1, 0
+            if first_epoch < end:
+                fit_model.fit(fit_train_ds, initial_epoch=first_epoch, epochs=end, steps_per_epoch=steps,
+                              callbacks=callbacks, verbose=verbose)
+        except TrainingStopped as stop:
+            finish_stop(workers, model, run_dir, stop, phase.name, best)
+            raise
         epoch = end
+        if divergence.epoch:
+            break
 
     if resume and start_epoch >= total_epochs:
         # Every epoch was done; the run stopped while writing the final model.
         restore_checkpoint(workers, model, run_dir, with_optimizer=False)
     log.info("training finished in %.1f min", (time.time() - started) / 60)
+    if divergence.epoch:
+        hint = (f"lower the learning rate (now {phases[0].lr:g} per worker for phase '{phases[0].name}') "
+                f"and train into a new --run-dir")
+        if not best:
+            raise UsageError(f"training diverged in epoch {divergence.epoch} (loss {divergence.loss}) before "
+                             f"any sound epoch: {hint}")
+        log.warning("training stopped after epoch %d: the loss became %s; the final model is epoch %d's. "
+                    "To train longer, %s", divergence.epoch, divergence.loss, best["epoch"], hint)
     finish_run(workers, model, config, plan, run_dir, best, precision)
     return run_dir
 
 
-def restore_checkpoint(workers: Workers, model, run_dir: Path, with_optimizer: bool) -> None:
-    """Load checkpoints/last.weights.h5 on rank 0 and give every rank the same state.
+def restore_checkpoint(workers: Workers, model, run_dir: Path, with_optimizer: bool,
+                       checkpoint: str = "last.weights.h5") -> None:
+    """Load checkpoints/<checkpoint> on rank 0 and give every rank the same state.
 
     Raises:
         RuntimeError: the ranks hold different weights after the broadcast.
@@ -326,7 +438,7 @@ def restore_checkpoint(workers: Workers, model, run_dir: Path, with_optimizer: b
         # creates the Adam moments and step count the checkpoint holds.
         optimizer.build(model.trainable_variables)
     if workers.is_chief:
-        model.load_weights(str(run_dir / runs.CHECKPOINT_DIR / "last.weights.h5"))
+        model.load_weights(str(run_dir / runs.CHECKPOINT_DIR / checkpoint))
     variables = list(model.variables) + (list(optimizer.variables) if with_optimizer else [])
     if workers.world_size > 1:
         # Horovod: the other ranks take rank 0's restored weights and optimizer state.

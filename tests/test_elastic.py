@@ -49,7 +49,7 @@ def test_discovery_rejects_bad_line(tmp_path, line):
     hostfile.write_text(f"node0 slots=1\n{line}\n")
     result = discover(hostfile)
     assert result.returncode == 1
-    assert f"line 2: expected \"host slots=N\"" in result.stderr
+    assert "line 2: expected \"host slots=N\"" in result.stderr
     assert line in result.stderr
 
 
