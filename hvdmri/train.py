@@ -409,7 +409,8 @@ def train(config: TrainConfig) -> Path:
         restore_checkpoint(workers, model, run_dir, with_optimizer=False)
     log.info("training finished in %.1f min", (time.time() - started) / 60)
     if divergence.epoch:
-        hint = (f"lower the learning rate (now {phases[0].lr:g} per worker for phase '{phases[0].name}') "
+        # phase is the loop's last value: the phase that diverged.
+        hint = (f"lower the learning rate (now {phase.lr:g} per worker for phase '{phase.name}') "
                 f"and train into a new --run-dir")
         if not best:
             raise UsageError(f"training diverged in epoch {divergence.epoch} (loss {divergence.loss}) before "

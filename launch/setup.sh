@@ -89,7 +89,7 @@ say "installing tensorflow-cpu $tf_version and the other dependencies"
 
 # Horovod compiles its TensorFlow ops against the installed TensorFlow, so it must
 # come after it, without build isolation (an isolated build would not see it).
-if "$venv/bin/python" -c "import horovod.tensorflow as h; import sys; sys.exit(h.__version__ != '$horovod_version')" 2>/dev/null; then
+if "$venv/bin/python" -c "import horovod, horovod.tensorflow, sys; sys.exit(horovod.__version__ != '$horovod_version')" 2>/dev/null; then
   say "horovod $horovod_version already built"
 else
   # MPI only when mpicxx can build and link a program: Debian's openmpi-bin alone

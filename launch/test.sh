@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up the environment if needed, then run the test suite.
 #
-#   bash launch/test.sh                 # everything (about 10 minutes on 2 cores)
-#   bash launch/test.sh -m "not slow"   # unit tests only (under a minute)
+#   bash launch/test.sh                 # everything (about 45 minutes on 2 cores)
+#   bash launch/test.sh -m "not slow"   # the fast tests only (about 3 minutes)
 #   bash launch/test.sh tests/test_split.py -x
 #
 # Arguments go to pytest. Tests that read the real MRI images skip, with the
