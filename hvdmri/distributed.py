@@ -77,6 +77,9 @@ def setup_logging(rank: int, level: int = logging.INFO) -> logging.Logger:
     else:
         logger.addHandler(logging.NullHandler())
         logger.setLevel(logging.CRITICAL + 1)
+        # Keras warns through TensorFlow's Python logger (for example about slow
+        # callbacks); one copy from rank 0 is enough.
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
     return logger
 
 

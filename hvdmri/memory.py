@@ -60,6 +60,10 @@ def check_memory_budget(budget_gib: float, batch_size: int, image_size: int, pre
     """
     needed = estimate_worker_memory_gib(batch_size, image_size, precision)
     if needed <= budget_gib:
+        from hvdmri.distributed import get_logger
+
+        get_logger().info("--memory-budget %g GiB: batch size %d at %d px in %s needs about %.1f GiB per "
+                          "worker", budget_gib, batch_size, image_size, precision, needed)
         return
     largest = largest_batch_size(budget_gib, image_size, precision)
     what = (f"--memory-budget {budget_gib:g}: --batch-size {batch_size} at {image_size} px in {precision} "

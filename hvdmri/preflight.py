@@ -43,10 +43,11 @@ GIB = 1024 ** 3
 HOSTFILE_LINE = re.compile(r"^(?P<host>\S+)\s+slots=(?P<slots>\S+)$")
 HOST_NAME = re.compile(r"^[\w.-]+$")
 
-# Rank 0 keeps last.weights.h5 and best.weights.h5, writes model.keras, and each write
-# goes to a temporary file first: at most 4 float32 copies of the weights (0.36 GiB),
-# rounded up to leave room for logs and history.
-CHECKPOINT_DISK_GIB = 0.5
+# Rank 0 keeps --keep-checkpoints epoch files (default 2) and possibly an older best
+# epoch. It writes the next one to a temporary file first. That makes (2 + 2)
+# checkpoints of 0.27 GiB (weights with Adam state), plus model.keras (0.09 GiB).
+# TODO: take --keep-checkpoints from the training flags instead of assuming the default.
+CHECKPOINT_DISK_GIB = 1.2
 
 PROBE_MARKER = "HVDMRI-PREFLIGHT-PROBE "
 # Seconds a probe may take once ssh is connected: importing TensorFlow dominates.

@@ -68,7 +68,7 @@ def find_resume_point(run_dir: Path, config: dict) -> ResumePoint | None:
     previous_config = {}
     if (run_dir / runs.CONFIG_FILE).is_file():
         previous_config = runs.read_json(run_dir / runs.CONFIG_FILE)
-    changed = [f"--{key.replace('_', '-')} {previous_config[key]} -> {config[key]}"
+    changed = [describe_change(key, previous_config[key], config[key])
                for key in MUST_MATCH if key in previous_config and previous_config[key] != config[key]]
     if changed:
         raise UsageError(f"--run-dir {run_dir} contains an interrupted run with different settings "
@@ -84,6 +84,15 @@ def find_resume_point(run_dir: Path, config: dict) -> ResumePoint | None:
         point.checkpoint = STOPPED_CHECKPOINT
         point.metric_sums = stopped.get("metric_sums", {})
     return point
+
+
+def describe_change(key: str, before, after) -> str:
+    """Name a changed setting by its command-line flag, e.g. "--batch-size 16 -> 32"."""
+    if key == "augment":
+        # The flag is --no-augment; there is no --augment.
+        return f"--no-augment {'given' if before is False else 'not given'} -> " \
+               f"{'given' if after is False else 'not given'}"
+    return f"--{key.replace('_', '-')} {before} -> {after}"
 
 
 def read_history(path: Path, up_to_epoch: int) -> list[dict]:

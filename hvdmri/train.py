@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import os
 import socket
 import sys
 import time
@@ -106,13 +107,17 @@ def prepare_run(config: TrainConfig, world_size: int) -> dict:
         raise UsageError(f"--run-dir {run_dir} already contains a finished run ({runs.MODEL_FILE}); "
                          f"choose another folder")
     global _created_run_dir, _run_dir_lock
-    if not run_dir.exists():
-        run_dir.mkdir(parents=True)
-        _created_run_dir = run_dir
-    if _run_dir_lock is None or Path(_run_dir_lock.name).parent != run_dir:
-        # Elastic mode may prepare the run again in this process after a reset. A
-        # second flock from this process would then conflict with its own first one.
-        _run_dir_lock = runs.lock_run_dir(run_dir)
+    try:
+        if not run_dir.exists():
+            run_dir.mkdir(parents=True)
+            _created_run_dir = run_dir
+        if _run_dir_lock is None or Path(_run_dir_lock.name).parent != run_dir:
+            # Elastic mode may prepare the run again in this process after a reset. A
+            # second flock from this process would then conflict with its own first one.
+            _run_dir_lock = runs.lock_run_dir(run_dir)
+    except OSError as error:
+        raise UsageError(f"--run-dir {run_dir}: cannot write there ({error.strerror or error}); "
+                         f"choose a writable folder") from None
     resume = find_resume_point(run_dir, {**config.to_dict(), "data": str(data_root) if config.data else None})
     runs.write_json(run_dir / runs.CLASSES_FILE, {"class_names": list(listing.class_names)})
     return {
@@ -140,6 +145,12 @@ def check_paths(config: TrainConfig) -> None:
     """Fail before any work when a folder or file named by a flag is missing."""
     if config.exclude_duplicates_of and not Path(config.exclude_duplicates_of).is_dir():
         raise UsageError(f"--exclude-duplicates-of {config.exclude_duplicates_of}: no such folder")
+    if config.run_dir:
+        # The nearest folder that exists must take new files; checked before the data is decoded.
+        existing = next(p for p in (Path(config.run_dir).resolve(), *Path(config.run_dir).resolve().parents)
+                        if p.exists())
+        if existing.is_dir() and not os.access(existing, os.W_OK):
+            raise UsageError(f"--run-dir {config.run_dir}: {existing} is not writable; choose a writable folder")
     if config.weights not in ("none", "imagenet") and not Path(config.weights).is_file():
         raise UsageError(f"--weights {config.weights}: file not found (give a ResNet-50 no-top weights "
                          f"file, imagenet or none)")

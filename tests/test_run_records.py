@@ -123,7 +123,7 @@ def interrupted_run(run_dir, config: TrainConfig) -> None:
     ({"scratch_lr": 5e-4}, "--scratch-lr 0.001 -> 0.0005"),
     ({"batch_size": 32}, "--batch-size 16 -> 32"),
     ({"data": "/other/Training"}, "--data /srv/Training -> /other/Training"),
-    ({"augment": False}, "--augment True -> False"),
+    ({"augment": False}, "--no-augment not given -> given"),
     ({"warmup_epochs": 0.0}, "--warmup-epochs"),
 ])
 def test_resume_refuses_changed_training_flags(tmp_path, change, flag):

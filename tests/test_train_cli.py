@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -108,6 +109,20 @@ def test_run_dir_that_is_a_file(phantom_dir, tmp_path):
     result = run_module(["hvdmri.train", "--data", str(phantom_dir), "--run-dir", str(target), *FAST])
     assert_one_line_error(result, "--run-dir", "is a file")
     assert target.read_text() == "notes"
+
+
+def test_read_only_run_dir(phantom_dir, tmp_path):
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("needs root to mount a read-only tmpfs")
+    target = tmp_path / "ro"
+    target.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(target)], check=True)
+    try:
+        result = run_module(["hvdmri.train", "--data", str(phantom_dir), "--run-dir", str(target / "run"),
+                             *FAST])
+    finally:
+        subprocess.run(["umount", str(target)], check=False)
+    assert_one_line_error(result, "--run-dir", "not writable")
 
 
 def test_missing_exclude_duplicates_folder(phantom_dir, tmp_path):
