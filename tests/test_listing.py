@@ -103,3 +103,10 @@ def test_symlink_loop_does_not_hang(tmp_path):
     make_layout(tmp_path, per_class=1)
     (tmp_path / "glioma" / "loop").symlink_to(tmp_path / "glioma", target_is_directory=True)
     assert list_images(tmp_path).counts()["glioma"] == 1
+
+
+def test_class_folder_given_instead_of_its_parent(tmp_path):
+    glioma = tmp_path / "glioma"
+    write_image(glioma / "a.png", np.full((32, 32), 90, np.uint8))
+    with pytest.raises(ValueError, match="holds images but no class subfolders; give the folder above it"):
+        list_images(glioma, require_all=False)
