@@ -318,8 +318,9 @@ def format_report(report: dict) -> str:
                  f"{len(near['pairs_across'])} across")
     lines += _examples([f"test {pair['test']} ~ train {pair['train']} (distance {pair['hamming']}, "
                         f"correlation {pair['correlation']:.3f})" for pair in near["pairs_across"]])
-    lines.append(f"duplicate groups within train (exact and near, kept on one side of the validation split): "
-                 f"{near['groups_within_train']}")
+    lines.append(f"duplicate groups within train (exact and near, kept on one side of the validation split; "
+                 f"a group that also holds a test image counts as across, so training's own count of "
+                 f"groups can be higher): {near['groups_within_train']}")
     if "test" in report["splits"]:
         leaks = report["leaked_test_images"]
         lines.append(f"test images with a duplicate in train: {leaks['total']} of "
