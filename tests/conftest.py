@@ -64,10 +64,15 @@ def horovodrun(np_: int, command: list[str], timeout: float = 900, cwd: Path | N
     """Run command on np_ local workers through horovodrun's Gloo controller."""
     if not HOROVODRUN.exists() and not shutil.which("horovodrun"):
         pytest.skip("horovodrun not installed (run launch/setup.sh)")
+    return subprocess.run(horovodrun_argv(np_, command, extra), capture_output=True, text=True, timeout=timeout,
+                          env=clean_env(), cwd=cwd)
+
+
+def horovodrun_argv(np_: int, command: list[str], extra: list[str] | None = None) -> list[str]:
+    """Return the horovodrun command line that runs `python command` on np_ local Gloo workers."""
     launcher = str(HOROVODRUN) if HOROVODRUN.exists() else shutil.which("horovodrun")
-    argv = [launcher, "--gloo", "-np", str(np_), "-H", f"localhost:{np_}", "--start-timeout", "60",
+    return [launcher, "--gloo", "-np", str(np_), "-H", f"localhost:{np_}", "--start-timeout", "60",
             *(extra or []), sys.executable, *command]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=clean_env(), cwd=cwd)
 
 
 def rank_lines(output: str, rank: int) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HOROVODRUN, clean_env
+from conftest import HOROVODRUN, clean_env, horovodrun_argv
 from hvdmri.runs import epoch_checkpoint_name, prune_checkpoints
 from test_resume import history_epochs, train_command, wait_for_epochs, worker_pids
 
@@ -114,8 +114,7 @@ def test_sigterm_to_horovod_job_stops_and_resumes(tmp_path, data):
     if not HOROVODRUN.exists():
         pytest.skip("horovodrun not installed (run launch/setup.sh)")
     run_dir = tmp_path / "run"
-    command = [str(HOROVODRUN), "--gloo", "-np", "2", "-H", "localhost:2", "--start-timeout", "60",
-               sys.executable, *train_command(data, run_dir, epochs=3)]
+    command = horovodrun_argv(2, train_command(data, run_dir, epochs=3))
     steps = 18
 
     # 1. horovodrun receives SIGTERM and passes it on to both workers, which it kills

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HOROVODRUN, clean_env
+from conftest import HOROVODRUN, clean_env, horovodrun_argv
 from hvdmri.data.synth import write_phantoms
 
 pytestmark = pytest.mark.slow
@@ -121,8 +121,7 @@ def test_killed_worker_ends_the_job_and_rerun_resumes(tmp_path, data):
     if not HOROVODRUN.exists():
         pytest.skip("horovodrun not installed (run launch/setup.sh)")
     run_dir = tmp_path / "run"
-    command = [str(HOROVODRUN), "--gloo", "-np", "2", "-H", "localhost:2", "--start-timeout", "60",
-               sys.executable, *train_command(data, run_dir, epochs=4)]
+    command = horovodrun_argv(2, train_command(data, run_dir, epochs=4))
     log_path = tmp_path / "first.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=clean_env(),
