@@ -222,7 +222,7 @@ def diverged(logs: dict) -> bool:
 class StopOnDivergence(tf.keras.callbacks.Callback):
     """Stop training after an epoch whose loss is not finite; remember that epoch.
 
-    At epoch end every rank holds the same averaged loss and global validation
+    At epoch end every rank has the same averaged loss and global validation
     loss, so all ranks stop after the same epoch. Keras' TerminateOnNaN checks each
     rank's own batch loss, and a rank that stopped alone would hang the others.
     """

@@ -67,7 +67,7 @@ def non_negative_int(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
-    """A finite number above 0, such as a learning rate."""
+    """Parse a finite number above 0, such as a learning rate."""
     value = _number(text, float, "a number above 0")
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
@@ -75,6 +75,7 @@ def positive_float(text: str) -> float:
 
 
 def non_negative_float(text: str) -> float:
+    """Parse a finite number of 0 or more, such as a number of warm-up epochs."""
     value = _number(text, float, "a number, 0 or more")
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {text}")
@@ -82,7 +83,7 @@ def non_negative_float(text: str) -> float:
 
 
 def open_unit_interval(text: str) -> float:
-    """A number strictly between 0 and 1, such as a moving-average momentum."""
+    """Parse a number strictly between 0 and 1, such as a moving-average momentum."""
     value = _number(text, float, "a number between 0 and 1")
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")

@@ -106,7 +106,7 @@ def feature_dataset(features: np.ndarray, labels: np.ndarray, batch_size: int, *
 
 @dataclass
 class HeadOnFeatures:
-    """The model and datasets that phase 1 fits instead of the full model when the feature cache is on."""
+    """Head-only model and feature datasets that phase 1 fits in place of the full model."""
 
     model: tf.keras.Model
     train: tf.data.Dataset

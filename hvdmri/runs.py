@@ -171,7 +171,7 @@ def lock_run_dir(run_dir: Path):
 
 
 def remove_if_unused(run_dir: Path) -> bool:
-    """Delete run_dir when it holds no checkpoint and no model; return whether it did.
+    """Delete run_dir when it contains no checkpoint and no model; return whether it did.
 
     A training that fails before its first checkpoint leaves only a configuration
     behind, which would otherwise look like a run to resume.

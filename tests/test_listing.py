@@ -105,8 +105,8 @@ def test_symlink_loop_does_not_hang(tmp_path):
     assert list_images(tmp_path).counts()["glioma"] == 1
 
 
-def test_class_folder_given_instead_of_its_parent(tmp_path):
+def test_class_folder_as_root(tmp_path):
     glioma = tmp_path / "glioma"
     write_image(glioma / "a.png", np.full((32, 32), 90, np.uint8))
-    with pytest.raises(ValueError, match="holds images but no class subfolders; give the folder above it"):
+    with pytest.raises(ValueError, match="contains images but no class subfolders; give the folder above it"):
         list_images(glioma, require_all=False)

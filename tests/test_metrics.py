@@ -209,7 +209,7 @@ def test_absent_class_is_nan_and_null_in_json():
     assert restored["accuracy"] == pytest.approx(1.0)
 
 
-def test_class_never_predicted_counts_as_zero_precision_in_macro_average():
+def test_macro_precision_unpredicted_class_zero():
     # Two glioma images, both called meningioma: glioma precision is undefined (no
     # glioma predictions), but it must pull the macro precision down, not vanish.
     y_true = np.array([0, 0, 1, 2, 3])

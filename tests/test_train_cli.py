@@ -137,11 +137,11 @@ def test_run_dir_in_use_by_another_training(phantom_dir, tmp_path):
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    held = lock_run_dir(run_dir)
+    lock = lock_run_dir(run_dir)
     try:
         result = run_module(["hvdmri.train", "--data", str(phantom_dir), "--run-dir", str(run_dir), *FAST])
     finally:
-        held.close()
+        lock.close()
     assert_one_line_error(result, "in use by another training", f"pid {os.getpid()}")
     assert not (run_dir / "config.json").exists()
 

@@ -142,7 +142,7 @@ def list_images(root: str | os.PathLike, class_names: tuple[str, ...] | None = N
     if len(listing) == 0:
         if any(entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS) for entry in root.iterdir()):
             # A class folder given by mistake: its images sit at the top, with no class subfolders.
-            raise ValueError(f"{root} holds images but no class subfolders; give the folder above it, "
+            raise ValueError(f"{root} contains images but no class subfolders; give the folder above it, "
                              f"which has one subfolder per class ({', '.join(class_names)})")
         raise ValueError(f"no usable images (.jpg, .jpeg, .png) found under {root}")
     if require_all:
