@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import horovodrun, run_module
-from hvdmri.bench.compare import ratio_table
+from hvdmri.bench.compare import describe_run, pair_ratio_table, parse_ratio, ratio_table
 from hvdmri.bench.measure import step_summary
 from hvdmri.memory import (MEMORY_MODEL_GIB, check_memory_budget, estimate_worker_memory_gib, fit_memory_model,
                            largest_batch_size)
@@ -44,6 +44,43 @@ def test_ratio_table_pairs_rounds():
     assert "| 1.000 | 1.000-1.000 |" in rows["a"]
     assert "| 1.050 | 0.900-1.200 |" in rows["b"]
     assert "failed" in rows["c"]
+
+
+def test_pair_ratios_per_round():
+    def line(name, speed, round_number):
+        return {"name": name, "round": round_number, "images_per_s": speed}
+
+    # a/b: 10/8 = 1.25 in round 1, 6/8 = 0.75 in round 2, 9/6 = 1.5 in round 3; median 1.25.
+    lines = [line("a", 10, 1), line("b", 8, 1), line("a", 6, 2), line("b", 8, 2), line("a", 9, 3),
+             line("b", 6, 3), line("c", 4, 1), {"name": "c", "round": 2, "error": "failed"}]
+    rows = pair_ratio_table(lines, [("a", "b"), ("c", "b")]).splitlines()
+    assert rows[0] == "| ratio of images/s | round 1 | round 2 | round 3 | median |"
+    assert rows[2] == "| a / b | 1.250 | 0.750 | 1.500 | 1.250 |"
+    assert rows[3] == "| c / b | 0.500 | failed | failed | 0.500 |"
+
+
+@pytest.mark.parametrize("spec, message", [("hvdmri", "expected NAME/NAME"), ("hvdmri/", "expected NAME/NAME"),
+                                           ("hvdmri/plain", "no configuration named plain")])
+def test_ratio_spec_is_checked(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_ratio(spec, ["hvdmri", "keras"])
+    assert parse_ratio("keras/hvdmri", ["hvdmri", "keras"]) == ("keras", "hvdmri")
+
+
+def test_unknown_ratio_name_stops_before_any_run():
+    run = run_module(["hvdmri.bench", "--config", "a=", "--config", "b=--mode keras", "--ratio", "a/c"], timeout=120)
+    assert run.returncode == 2
+    assert "no configuration named c" in run.stderr
+    assert '{"name"' not in run.stdout
+
+
+def test_single_run_summary_line():
+    line = {"name": "run", "images_per_s": 5.123, "images_per_s_per_worker": [2.5, 2.623], "step_s": 3.1,
+            "peak_rss_gib_per_worker": [1.9, 2.05], "precision_used": "mixed_bfloat16",
+            "load_average_start": [0.5, 0, 0], "load_average_end": [1.25, 0, 0]}
+    assert describe_run(line) == ("run: 5.12 images/s over 2 worker(s), median step 3.100 s, peak RSS 2.05 GiB, "
+                                  "mixed_bfloat16, load 0.5 -> 1.2")
+    assert describe_run({"name": "run", "error": "worker 1 died"}) == "run: failed: worker 1 died"
 
 
 @pytest.mark.parametrize("precision", [*MEMORY_MODEL_GIB, "auto"])
@@ -119,7 +156,8 @@ def test_real_input_without_data_is_rejected():
 def test_compare_prints_lines_and_ratios(tmp_path):
     out = tmp_path / "bench.jsonl"
     run = run_module(["hvdmri.bench", *TINY, "--precision", "float32", "--out", str(out),
-                      "--config", "hvdmri=", "--config", "keras=--mode keras"], timeout=900)
+                      "--config", "hvdmri=", "--config", "keras=--mode keras", "--ratio", "keras/hvdmri"],
+                     timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
     lines = json_lines(run.stdout)
     assert [line["name"] for line in lines] == ["hvdmri", "keras"]
@@ -137,6 +175,25 @@ def test_compare_prints_lines_and_ratios(tmp_path):
     assert table[2].startswith("| hvdmri |")
     assert "| 1.000 |" in table[2]
     assert table[3].startswith("| keras |")
+    keras_ratio = lines[1]["images_per_s"] / lines[0]["images_per_s"]
+    assert table[4].startswith("| ratio of images/s | round 1 | median |")
+    assert table[6] == f"| keras / hvdmri | {keras_ratio:.3f} | {keras_ratio:.3f} |"
+
+
+@pytest.mark.slow
+def test_mwms_two_workers_report_both(tmp_path):
+    run = run_module(["hvdmri.bench", *TINY, "--precision", "float32", "--mode", "mwms", "--np", "2"], timeout=900)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = json_lines(run.stdout)
+    assert len(lines) == 1
+    line = lines[0]
+    assert (line["mode"], line["world_size"]) == ("mwms", 2)
+    assert len(line["images_per_s_per_worker"]) == 2
+    assert all(speed > 0 for speed in line["images_per_s_per_worker"])
+    # Only hvdmri mode splits the step, because MWMS has no separate allreduce to time.
+    assert line["breakdown_s_per_worker"] == [None, None]
+    assert "run: " in run.stdout
+    assert "images/s over 2 worker(s)" in run.stdout
 
 
 @pytest.mark.slow

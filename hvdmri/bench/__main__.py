@@ -19,14 +19,23 @@ def main(argv: list[str] | None = None) -> int:
         check_config(parser, config)
         return run_as_worker(config, args.result)
 
-    from hvdmri.bench.compare import ratio_table, run_rounds
+    from hvdmri.bench.compare import describe_run, pair_ratio_table, parse_ratio, ratio_table, run_rounds
 
     configs = parse_named_configs(parser, _without_compare_flags(argv), args.config) or [config_from_args(args)]
     for config in configs:
         check_config(parser, config)
+    names = [config.name for config in configs]
+    try:
+        pairs = [parse_ratio(spec, names) for spec in args.ratio]
+    except ValueError as error:
+        parser.error(str(error))
     lines = run_rounds(configs, args.repeats, args.out)
     if len(configs) > 1:
-        print(ratio_table(lines, [config.name for config in configs]))
+        print(ratio_table(lines, names))
+    else:
+        print(describe_run(lines[0]))
+    if pairs:
+        print(pair_ratio_table(lines, pairs))
     if args.memory_fit:
         from hvdmri.memory import describe_fit
 
@@ -67,7 +76,7 @@ def _without_compare_flags(argv: list[str]) -> list[str]:
             skip = False
             continue
         name = item.split("=", 1)[0]
-        if name in ("--config", "--repeats", "--out"):
+        if name in ("--config", "--repeats", "--ratio", "--out"):
             skip = "=" not in item
             continue
         if name == "--memory-fit":

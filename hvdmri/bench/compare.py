@@ -151,3 +151,54 @@ def ratio_table(lines: list[dict], names: list[str]) -> str:
                     f"{max(max(run['peak_rss_gib_per_worker']) for run in runs):.2f} | "
                     f"{min(loads):.2f}-{max(loads):.2f} |")
     return "\n".join(rows)
+
+
+def parse_ratio(spec: str, names: list[str]) -> tuple[str, str]:
+    """Split NAME/NAME into its two configuration names, both of which must exist."""
+    numerator, separator, denominator = spec.partition("/")
+    unknown = [name for name in (numerator, denominator) if name not in names]
+    if not separator or not numerator or not denominator:
+        raise ValueError(f"--ratio {spec!r}: expected NAME/NAME, e.g. hvdmri/keras")
+    if unknown:
+        raise ValueError(f"--ratio {spec!r}: no configuration named {', '.join(unknown)} "
+                         f"(configurations: {', '.join(names)})")
+    return numerator, denominator
+
+
+def pair_ratio_table(lines: list[dict], pairs: list[tuple[str, str]]) -> str:
+    """Format a Markdown table of images/s ratios for chosen pairs, one column per round.
+
+    Each ratio divides two runs of the same round, so a change of machine load
+    between rounds does not enter it; the spread across rounds shows what remains.
+    """
+    by_round: dict[int, dict[str, dict]] = {}
+    for line in lines:
+        if "error" not in line:
+            by_round.setdefault(line["round"], {})[line["name"]] = line
+    rounds = sorted(by_round)
+    rows = ["| ratio of images/s | " + " | ".join(f"round {number}" for number in rounds) + " | median |",
+            "| --- |" + " --- |" * (len(rounds) + 1)]
+    for numerator, denominator in pairs:
+        cells, ratios = [], []
+        for number in rounds:
+            found = by_round[number]
+            if numerator in found and denominator in found:
+                ratio = found[numerator]["images_per_s"] / found[denominator]["images_per_s"]
+                ratios.append(ratio)
+                cells.append(f"{ratio:.3f}")
+            else:
+                cells.append("failed")
+        median = f"{statistics.median(ratios):.3f}" if ratios else "n/a"
+        rows.append(f"| {numerator} / {denominator} | " + " | ".join(cells) + f" | {median} |")
+    return "\n".join(rows)
+
+
+def describe_run(line: dict) -> str:
+    """One readable line for a single run, printed after its JSON line."""
+    if "error" in line:
+        return f"{line['name']}: failed: {line['error'][:200]}"
+    workers = len(line["images_per_s_per_worker"])
+    return (f"{line['name']}: {line['images_per_s']:.2f} images/s over {workers} worker(s), "
+            f"median step {line['step_s']:.3f} s, peak RSS "
+            f"{max(line['peak_rss_gib_per_worker']):.2f} GiB, {line['precision_used']}, "
+            f"load {line['load_average_start'][0]:.1f} -> {line['load_average_end'][0]:.1f}")

@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "command line's; repeat to compare, the first is the baseline")
     compare.add_argument("--repeats", type=positive_int, default=1,
                          help="rounds; each round runs every configuration once, in order (default 1)")
+    compare.add_argument("--ratio", action="append", default=[], metavar="NAME/NAME",
+                         help="also print the images/s ratio of these two configurations for every round "
+                              "(repeatable)")
     compare.add_argument("--out", help="append every JSON line to this file")
     compare.add_argument("--memory-fit", action="store_true",
                          help="after the runs, fit peak RSS = a + b * batch * (size/224)^2 per precision "
@@ -106,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMPARE_ONLY = ("config", "repeats", "out", "memory_fit", "worker", "result")
+COMPARE_ONLY = ("config", "repeats", "ratio", "out", "memory_fit", "worker", "result")
 
 
 def config_from_args(args: argparse.Namespace, name: str = "run") -> BenchConfig:
