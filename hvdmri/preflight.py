@@ -512,6 +512,9 @@ def check_interfaces(reports: list[HostReport], settings: Settings) -> None:
     """Check that every host has the interfaces Horovod will use; name the hosts that lack one."""
     probed = [report for report in reports if report.facts]
     distinct_machines = len({report.facts["machine_id"] or report.entry.host for report in probed}) > 1
+    # A host whose probe failed has its own FAIL line; the OK lines say it was left out.
+    unprobed = [report.entry.host for report in reports if not report.facts]
+    caveat = f"; not checked on {', '.join(unprobed)}, whose probe failed" if unprobed else ""
     if settings.interfaces:
         for report in probed:
             present = report.facts["interfaces"]
@@ -523,7 +526,7 @@ def check_interfaces(reports: list[HostReport], settings: Settings) -> None:
                 report.add("FAIL", "interface", "--network-interface lo cannot connect different machines; "
                                                 "name an interface with a routed address")
             else:
-                report.add("OK", "interface", f"has {', '.join(settings.interfaces)}")
+                report.add("OK", "interface", f"has {', '.join(settings.interfaces)}{caveat}")
         return
 
     if not all(report.local for report in reports):
@@ -533,7 +536,7 @@ def check_interfaces(reports: list[HostReport], settings: Settings) -> None:
         for report in probed:
             if common:
                 report.add("OK", "interface", f"shares {', '.join(sorted(common))} with every host; horovodrun "
-                                              f"picks among them unless --network-interface is given")
+                                              f"picks among them unless --network-interface is given{caveat}")
                 continue
             others = {name: [host for host, names in routed.items() if name in names]
                       for name in set().union(*routed.values()) if name not in routed[report.entry.host]}

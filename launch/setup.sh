@@ -123,5 +123,7 @@ for feature in TensorFlow Gloo; do
 $check"
 done
 echo "$stamp" >"$stamp_file"
-say "ready: $venv (Horovod with TensorFlow and Gloo)"
+controllers="Gloo"
+grep -q "\[X\] MPI" <<<"$check" && controllers="Gloo and MPI"
+say "ready: $venv (Horovod with TensorFlow, $controllers)"
 say "activate with: source \"$venv/bin/activate\""

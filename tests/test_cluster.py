@@ -19,7 +19,8 @@ import pytest
 
 from cluster_fixtures import SLURM_BINARIES, SSH_BINARIES, free_port, require_tools, slurm_cluster, sshd
 from conftest import REPO, clean_env, rank_lines
-from hvdmri.preflight import HostfileError, estimate_worker_memory_gib, parse_hostfile
+from hvdmri.preflight import (HostEntry, HostfileError, HostReport, Settings, check_interfaces, estimate_worker_memory_gib,
+                              parse_hostfile)
 
 CLUSTER = REPO / "launch" / "cluster.sh"
 PREFLIGHT = REPO / "launch" / "preflight.sh"
@@ -99,6 +100,26 @@ BAD_HOSTFILES = [
      "duplicate host 'localhost': already listed on line 2"),
     ("invalid name", "node:1 slots=1\n", "node:1", 1, "host name 'node:1' is invalid"),
 ]
+
+
+@pytest.mark.parametrize("interfaces", [[], ["eth0"]])
+def test_interface_verdict_names_unprobed_host(interfaces):
+    settings = Settings(python="python3", ssh_port=None, ssh_identity_file=None, ssh_timeout=5, interfaces=interfaces,
+                        data=None, run_dir="runs/x", workdir="/tmp", batch_size=16, image_size=224, threads=None,
+                        worker_memory_gib=2.0)
+    reports = []
+    for number, host in enumerate(("node1", "node2", "node3"), start=1):
+        report = HostReport(HostEntry(host, 1, number, f"{host} slots=1"), local=False)
+        if host != "node3":
+            report.facts = {"machine_id": host, "interfaces": {"lo": ["127.0.0.1"], "eth0": [f"10.0.0.{number}"]}}
+        reports.append(report)
+    check_interfaces(reports, settings)
+    for report in reports[:2]:
+        [(status, check, detail)] = report.verdicts
+        assert (status, check) == ("OK", "interface")
+        assert "eth0" in detail
+        assert detail.endswith("; not checked on node3, whose probe failed")
+    assert reports[2].verdicts == []
 
 
 @pytest.mark.parametrize("text, host, line, reason", [case[1:] for case in BAD_HOSTFILES],
