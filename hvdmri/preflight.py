@@ -512,7 +512,7 @@ def check_interfaces(reports: list[HostReport], settings: Settings) -> None:
     """Check that every host has the interfaces Horovod will use; name the hosts that lack one."""
     probed = [report for report in reports if report.facts]
     distinct_machines = len({report.facts["machine_id"] or report.entry.host for report in probed}) > 1
-    # A host whose probe failed has its own FAIL line; the OK lines say it was left out.
+    # A host whose probe failed has its own FAIL line, and the OK lines name it as left out.
     unprobed = [report.entry.host for report in reports if not report.facts]
     caveat = f"; not checked on {', '.join(unprobed)}, whose probe failed" if unprobed else ""
     if settings.interfaces:

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# bash launch/bench.sh memory|compare|link [OUT.jsonl]
+# bash launch/bench.sh memory|compare|precision|link [OUT.jsonl]
 #
-# The three benchmark runs behind docs/BENCHMARKS.md, each one invocation of
+# The four benchmark runs behind docs/BENCHMARKS.md, each one invocation of
 # python -m hvdmri.bench that appends its JSON lines to OUT.jsonl (default bench-<what>.jsonl):
 #   memory   peak RSS per worker at 224 px, batch 8/16/32/64, float32 and mixed_bfloat16,
-#            then the fitted coefficients that hvdmri/memory.py stores
-#   compare  224 px, batch 8, two interleaved rounds: plain Keras, hvdmri np=1 (bf16 and
+#            then the fitted coefficients; python -m hvdmri.memory FILE... fits them over
+#            several result files, which is how hvdmri/memory.py got its figures
+#   compare  224 px, batch 8, three interleaved rounds: plain Keras, hvdmri np=1 (bf16 and
 #            float32, synthetic and real input), hvdmri np=2, MultiWorkerMirroredStrategy np=2
+#   precision  224 px, mixed_bfloat16 against float32 at batch 16 and 32, two rounds
 #   link     hvdmri np=2 with and without --fp16-allreduce on an emulated 1 Gbit/s link:
 #            a network namespace whose loopback is shaped by tc's token bucket filter
 #            (needs root; the namespace is deleted afterwards, also on failure)
@@ -15,13 +17,15 @@
 # training folder for the compare run (default ../shared/data/brain-tumor-mri/Training).
 # A single worker set can also be started by horovodrun directly:
 #   horovodrun --gloo -np 2 -H localhost:2 python -m hvdmri.bench --image-size 224 --batch-size 8
+# The scaling estimate for more nodes is computed from the compare and precision files:
+#   python -m hvdmri.bench.scaling bench-compare.jsonl bench-precision.jsonl
 set -euo pipefail
 
 what="${1:-}"
 case "$what" in
-  -h|--help|"") sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; [[ -n "$what" ]]; exit $? ;;
-  memory|compare|link) ;;
-  *) echo "bench.sh: unknown run '$what'; expected memory, compare or link (see --help)" >&2; exit 2 ;;
+  -h|--help|"") sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; [[ -n "$what" ]]; exit $? ;;
+  memory|compare|precision|link) ;;
+  *) echo "bench.sh: unknown run '$what'; expected memory, compare, precision or link (see --help)" >&2; exit 2 ;;
 esac
 out="$(realpath -m "${2:-bench-$what.jsonl}")"
 
@@ -40,13 +44,23 @@ if [[ "$what" == memory ]]; then
       configs+=(--config "${precision%%_*}-b$batch=--precision $precision --batch-size $batch")
     done
   done
-  # One warm-up and one timed step: the peak is reached in the first steps.
-  bench --image-size 224 --warmup-steps 1 --steps 1 --breakdown-steps 0 --memory-fit "${configs[@]}"
+  # In float32 the peak sometimes jumps by about 0.9 GiB after several steps (batch 32: 4.0 GiB,
+  # in some runs 4.9 GiB from about the 10th step on), so each run takes 23 steps.
+  bench --image-size 224 --warmup-steps 3 --steps 20 --breakdown-steps 0 --memory-fit "${configs[@]}"
 elif [[ "$what" == compare ]]; then
-  bench --image-size 224 --batch-size 8 --precision mixed_bfloat16 --warmup-steps 2 --steps 4 \
-    --breakdown-steps 2 --repeats 2 \
+  # Three rounds of ten timed steps: a 5% difference needs more than one noisy round.
+  bench --image-size 224 --batch-size 8 --precision mixed_bfloat16 --warmup-steps 3 --steps 10 \
+    --breakdown-steps 3 --repeats 3 \
     --config keras="--mode keras" --config hvdmri="" --config float32="--precision float32" \
-    --config real="--input real --data $data" --config np2="--np 2" --config mwms2="--mode mwms --np 2"
+    --config real="--input real --data $data" --config np2="--np 2" --config mwms2="--mode mwms --np 2" \
+    --ratio hvdmri/keras --ratio hvdmri/float32 --ratio real/hvdmri --ratio np2/hvdmri --ratio np2/mwms2
+elif [[ "$what" == precision ]]; then
+  bench --image-size 224 --warmup-steps 3 --steps 8 --breakdown-steps 0 --repeats 2 \
+    --config bf16-b16="--precision mixed_bfloat16 --batch-size 16" \
+    --config float32-b16="--precision float32 --batch-size 16" \
+    --config bf16-b32="--precision mixed_bfloat16 --batch-size 32" \
+    --config float32-b32="--precision float32 --batch-size 32" \
+    --ratio bf16-b16/float32-b16 --ratio bf16-b32/float32-b32
 else
   namespace="hvdmri-bench-$$"
   ip netns add "$namespace"

@@ -7,8 +7,10 @@ import pytest
 from conftest import horovodrun, run_module
 from hvdmri.bench.compare import describe_run, pair_ratio_table, parse_ratio, ratio_table
 from hvdmri.bench.measure import step_summary
+from hvdmri.bench.scaling import Measured, estimate_table, measured_steps, ring_allreduce_s
 from hvdmri.memory import (MEMORY_MODEL_GIB, check_memory_budget, estimate_worker_memory_gib, fit_memory_model,
                            largest_batch_size)
+from hvdmri.memory import main as memory_main
 from hvdmri.distributed import UsageError
 
 TINY = ["--image-size", "32", "--batch-size", "2", "--warmup-steps", "1", "--steps", "2", "--breakdown-steps", "1"]
@@ -209,3 +211,62 @@ def test_horovodrun_two_workers_report_both(tmp_path):
     assert line["images_per_s"] == pytest.approx(sum(line["images_per_s_per_worker"]), rel=1e-3)
     assert len(line["peak_rss_gib_per_worker"]) == 2
     assert all(parts["allreduce"] > 0 for parts in line["breakdown_s_per_worker"])
+
+
+def test_ring_allreduce_volume():
+    assert ring_allreduce_s(1, 100e6, 100.0) == 0
+    # 2 * 3/4 of 100 MB at 100 MB/s.
+    assert ring_allreduce_s(4, 100e6, 100.0) == pytest.approx(1.5)
+    assert ring_allreduce_s(8, 100e6, 100.0) == pytest.approx(1.75)
+
+
+def test_scaling_uses_single_worker_medians():
+    def line(name, step_s, **extra):
+        return {"name": name, "mode": "hvdmri", "world_size": 1, "precision_used": "float32", "batch_size": 10,
+                "step_s": step_s, **extra}
+
+    lines = [line("a", 1.0), line("a", 3.0), line("a", 1.2), line("b", 2.0, world_size=2),
+             line("c", 2.0, mode="keras"), {"name": "a", "error": "failed"}]
+    runs = measured_steps(lines)
+    assert [(run.name, run.step_s, run.rounds) for run in runs] == [("a", 1.2, 3)]
+
+
+def test_scaling_table_arithmetic():
+    runs = [Measured("a", "float32", 10, 1.0, 1)]
+    rows = estimate_table(runs, [1, 4], gradient_bytes=100e6, link_mb_s=100.0).splitlines()
+    assert rows[2] == "| a | float32 | 10 | 1 | 0.00 / 0.00 | 10.0 / 10.0 | 10.0 / 10.0 | 1.0 / 1.0 |"
+    # 4 nodes: network 1.5 s (fp16 0.75 s); 40 images per step over 2.5 s, 1.75 s, 1.5 s and 1.0 s.
+    assert rows[3] == "| a | float32 | 10 | 4 | 1.50 / 0.75 | 16.0 / 22.9 | 26.7 / 40.0 | 1.6 / 2.3 |"
+
+
+def test_scaling_without_single_worker_runs(tmp_path):
+    results = tmp_path / "bench.jsonl"
+    results.write_text(json.dumps({"name": "np2", "mode": "hvdmri", "world_size": 2, "step_s": 1.0}) + "\n")
+    run = run_module(["hvdmri.bench.scaling", str(results)], timeout=120)
+    assert run.returncode == 2
+    assert "no successful single-worker hvdmri run" in run.stderr
+
+
+def test_memory_fit_from_files(tmp_path, capsys):
+    def line(batch, rss, **extra):
+        return {"name": f"b{batch}", "mode": "hvdmri", "world_size": 1, "precision_used": "float32",
+                "batch_size": batch, "image_size": 224, "peak_rss_gib_per_worker": [rss], **extra}
+
+    # On rss = 1.5 + 0.1 * batch; the two-worker, plain-Keras and failed lines must not enter the fit.
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("\n".join(json.dumps(item) for item in [
+        line(8, 2.3), line(16, 3.1), line(16, 9.0, world_size=2, peak_rss_gib_per_worker=[9.0, 9.0])]) + "\n")
+    second.write_text("\n".join(json.dumps(item) for item in [
+        line(64, 7.9), line(32, 0.5, mode="keras"), {"name": "b32", "error": "out of memory"}]) + "\n")
+    assert memory_main([str(first), str(second)]) == 0
+    output = capsys.readouterr().out
+    assert "float32: a = 1.500 GiB, b = 0.1000 GiB per 224 px image (3 runs," in output
+    assert "mixed_bfloat16" not in output
+
+
+def test_memory_fit_without_runs(tmp_path):
+    results = tmp_path / "bench.jsonl"
+    results.write_text(json.dumps({"name": "keras", "mode": "keras", "world_size": 1}) + "\n")
+    with pytest.raises(SystemExit) as raised:
+        memory_main([str(results)])
+    assert raised.value.code == 2

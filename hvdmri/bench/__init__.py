@@ -6,5 +6,7 @@
 
 Each run prints one JSON line. With several --config entries every configuration runs
 as its own process, in rounds (A B A B ...), and a table of ratios against the first
-configuration follows. docs/BENCHMARKS.md lists the measured figures.
+configuration follows; --ratio A/B adds chosen pairs round by round. python -m
+hvdmri.bench.scaling turns single-worker results into an estimate for N nodes.
+docs/BENCHMARKS.md lists the measured figures.
 """
