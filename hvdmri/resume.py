@@ -37,6 +37,7 @@ class ResumePoint:
     # A clean stop inside epoch + 1: the steps of that epoch already done, the
     # checkpoint written after them, and that epoch's metric sums so far.
     step: int = 0
+    steps_per_epoch: int | None = None  # of the stopped run; None in runs from before it was recorded
     checkpoint: str = "last.weights.h5"
     metric_sums: dict = field(default_factory=dict)
 
@@ -81,6 +82,7 @@ def find_resume_point(run_dir: Path, config: dict) -> ResumePoint | None:
                         world_size=previous_config.get("world_size"), checkpoint=checkpoint)
     if stopped and int(stopped["epoch"]) == epoch + 1:
         point.step = int(stopped["step"])
+        point.steps_per_epoch = stopped.get("steps_per_epoch")
         point.checkpoint = STOPPED_CHECKPOINT
         point.metric_sums = stopped.get("metric_sums", {})
     return point

@@ -136,7 +136,8 @@ class StopAtStepBoundary(tf.keras.callbacks.Callback):
         return sums
 
 
-def save_stop_checkpoint(model, run_dir: Path, stop: TrainingStopped, phase: str, best: dict) -> None:
+def save_stop_checkpoint(model, run_dir: Path, stop: TrainingStopped, phase: str, best: dict,
+                         steps_per_epoch: int) -> None:
     """Rank 0: write the weights and optimizer state after the stop step, then record it in state.json.
 
     The per-epoch checkpoint (last.weights.h5) stays as it was, so a failed write here
@@ -148,15 +149,16 @@ def save_stop_checkpoint(model, run_dir: Path, stop: TrainingStopped, phase: str
     state_path = checkpoints / "state.json"
     state = runs.read_json(state_path) if state_path.is_file() else {"last_epoch": 0, "phase": phase,
                                                                      "best": best}
-    state["stopped"] = {"epoch": stop.epoch + 1, "step": stop.step, "phase": phase, "reason": stop.reason,
-                        "metric_sums": stop.metric_sums}
+    state["stopped"] = {"epoch": stop.epoch + 1, "step": stop.step, "steps_per_epoch": steps_per_epoch,
+                        "phase": phase, "reason": stop.reason, "metric_sums": stop.metric_sums}
     runs.write_json(state_path, state)
     stop_file = Path(run_dir) / STOP_FILE
     if stop_file.exists():
         stop_file.unlink()
 
 
-def finish_stop(workers, model, run_dir: Path, stop: TrainingStopped, phase: str, best: dict) -> None:
+def finish_stop(workers, model, run_dir: Path, stop: TrainingStopped, phase: str, best: dict,
+                steps_per_epoch: int) -> None:
     """Write the step checkpoint on rank 0 while every other rank waits for it.
 
     horovodrun ends the whole job as soon as one worker exits with a non-zero
@@ -168,7 +170,7 @@ def finish_stop(workers, model, run_dir: Path, stop: TrainingStopped, phase: str
     error: OSError | None = None
     if workers.is_chief:
         try:
-            save_stop_checkpoint(model, run_dir, stop, phase, best)
+            save_stop_checkpoint(model, run_dir, stop, phase, best, steps_per_epoch)
         except OSError as caught:
             error = caught
     failure = f"{error}" if error else None
@@ -257,6 +259,19 @@ class ShiftedBatches(tf.keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self._forward("on_train_batch_end", batch + self.offset, logs)
+
+
+def resumed_step(step: int, steps_then: int | None, steps_now: int) -> int:
+    """Return the step at which a stopped epoch continues when the steps per epoch have changed.
+
+    With a different worker count an epoch has a different number of steps. The
+    continuation keeps the fraction of the epoch already done, so the epoch still
+    covers about one pass over the data. At least one step remains, and 0 means the
+    epoch starts over from the stop checkpoint.
+    """
+    if not steps_then or steps_then == steps_now:
+        return step
+    return min(steps_now - 1, round(step * steps_now / steps_then))
 
 
 def fit_rest_of_epoch(model, dataset, callbacks: list, epoch: int, step: int, steps: int, metric_sums: dict,

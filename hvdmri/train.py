@@ -248,7 +248,7 @@ def train(config: TrainConfig) -> Path:
     from hvdmri.data.pipeline import DecodeFailureReport, DecodeFailures, make_dataset
     from hvdmri.features import use_feature_cache
     from hvdmri.model import build_model, resolve_weights, set_batchnorm_momentum, set_trainable
-    from hvdmri.stopping import (StopAtStepBoundary, TrainingStopped, finish_stop, fit_rest_of_epoch,
+    from hvdmri.stopping import (StopAtStepBoundary, TrainingStopped, finish_stop, fit_rest_of_epoch, resumed_step,
                                  remove_leftovers, stop_request)
 
     phases = plan_phases(config)
@@ -324,7 +324,8 @@ def train(config: TrainConfig) -> Path:
     total_epochs = sum(phase.epochs for phase in phases)
     resume = plan["resume"]
     start_epoch = resume["epoch"] if resume else 0
-    resume_step = resume["step"] if resume else 0  # steps of epoch start_epoch + 1 done before a clean stop
+    # Steps of epoch start_epoch + 1 done before a clean stop, in this run's steps per epoch.
+    resume_step = resumed_step(resume["step"], resume["steps_per_epoch"], steps) if resume else 0
     history: list[dict] = resume["history"] if resume else []
     best: dict = resume["best"] if resume else {}
     if resume:
@@ -334,6 +335,10 @@ def train(config: TrainConfig) -> Path:
             log.info("the interrupted run had %d workers, this one has %d: learning rates are rescaled "
                      "to %d x the per-worker rate", resume["world_size"], workers.world_size,
                      workers.world_size)
+        if resume_step != resume["step"]:
+            log.info("the stopped epoch was at step %d of %d, and with %d steps per epoch now it continues "
+                     "after step %d, the same share of the epoch", resume["step"], resume["steps_per_epoch"],
+                     steps, resume_step)
     compression = hvd.Compression.fp16 if config.fp16_allreduce else hvd.Compression.none
     divergence = StopOnDivergence()
     # Keras' progress bar only in a terminal of a single worker: mpirun gives ranks a
@@ -359,7 +364,7 @@ def train(config: TrainConfig) -> Path:
             # The first phase of a resumed run: inside the phase, the optimizer state
             # continues too; at a phase boundary the new phase starts a fresh optimizer,
             # unless a clean stop saved it some steps into the phase.
-            restore_checkpoint(workers, model, run_dir, with_optimizer=start_epoch > epoch or resume_step > 0,
+            restore_checkpoint(workers, model, run_dir, with_optimizer=start_epoch > epoch or resume["step"] > 0,
                                checkpoint=resume["checkpoint"])
         # Phase 1 may train the head alone on stored base features; it shares its
         # layers and optimizer with model, which is what the checkpoints save.
@@ -409,7 +414,7 @@ def train(config: TrainConfig) -> Path:
                 fit_model.fit(fit_train_ds, initial_epoch=first_epoch, epochs=end, steps_per_epoch=steps,
                               callbacks=callbacks, verbose=verbose)
         except TrainingStopped as stop:
-            finish_stop(workers, model, run_dir, stop, phase.name, best)
+            finish_stop(workers, model, run_dir, stop, phase.name, best, steps)
             raise
         epoch = end
         if divergence.epoch:

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import HOROVODRUN, clean_env, horovodrun_argv
 from hvdmri.runs import epoch_checkpoint_name, prune_checkpoints
+from hvdmri.stopping import resumed_step
 from test_resume import history_epochs, train_command, wait_for_epochs, worker_pids
 
 STOPPED = 75
@@ -92,6 +93,7 @@ def test_sigint_stops_and_rerun_continues_epoch(tmp_path, data):
     stop = stopped_state(run_dir)["stopped"]
     assert stop["reason"] == "SIGINT"
     assert stop["epoch"] == 2
+    assert stop["steps_per_epoch"] == 36
     assert f"stopped by SIGINT in epoch 2 after step {stop['step']}; rerun the same command to resume" in output
     assert "Traceback" not in output
     assert (run_dir / "checkpoints" / "stopped.weights.h5").is_file()
@@ -107,6 +109,41 @@ def test_sigint_stops_and_rerun_continues_epoch(tmp_path, data):
     checkpoints = sorted(path.name for path in (run_dir / "checkpoints").iterdir())
     assert checkpoints == ["best.weights.h5", "epoch-0003.weights.h5", "last.weights.h5", "state.json"]
     assert "stopped" not in json.loads((run_dir / "checkpoints" / "state.json").read_text())
+
+
+@pytest.mark.parametrize("step, steps_then, steps_now, expected", [
+    (10, 36, 36, 10),   # same worker count: the step itself
+    (10, None, 18, 10),  # a stop recorded before steps_per_epoch was: unchanged
+    (10, 36, 18, 5),    # twice the workers: half the steps
+    (9, 18, 36, 18),    # half the workers: twice the steps
+    (35, 36, 18, 17),   # near the end: at least one step remains
+    (1, 36, 18, 0),     # rounds to the epoch start: the epoch starts over
+])
+def test_resumed_step_keeps_epoch_share(step, steps_then, steps_now, expected):
+    assert resumed_step(step, steps_then, steps_now) == expected
+
+
+@pytest.mark.slow
+def test_stop_with_one_worker_resumes_with_two(tmp_path, data):
+    if not HOROVODRUN.exists():
+        pytest.skip("horovodrun not installed (run launch/setup.sh)")
+    run_dir = tmp_path / "run"
+    single = [sys.executable, *train_command(data, run_dir, epochs=2)]
+    returncode, output = signal_after_first_epoch(single, run_dir, tmp_path / "first.log", signal.SIGINT)
+    assert returncode == STOPPED, output[-3000:]
+    stop = stopped_state(run_dir)["stopped"]
+    assert stop["steps_per_epoch"] == 36
+
+    # Two workers run 18 steps per epoch, so the epoch continues at the same share of it.
+    rerun = subprocess.run(horovodrun_argv(2, train_command(data, run_dir, epochs=2)), capture_output=True,
+                           text=True, timeout=900, env=clean_env())
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    expected = resumed_step(stop["step"], 36, 18)
+    assert f"the stopped epoch was at step {stop['step']} of 36" in rerun.stdout
+    if expected:
+        assert f"continuing epoch 2 at step {expected + 1} of 18" in rerun.stdout
+    assert history_epochs(run_dir) == [1, 2]
+    assert (run_dir / "model.keras").is_file()
 
 
 @pytest.mark.slow
