@@ -270,3 +270,31 @@ def test_memory_fit_without_runs(tmp_path):
     with pytest.raises(SystemExit) as raised:
         memory_main([str(results)])
     assert raised.value.code == 2
+
+
+def test_wait_all_returns_first_failure():
+    import subprocess
+    import sys
+    import time
+
+    from hvdmri.bench.compare import _wait_all
+
+    waiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    failing = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    started = time.monotonic()
+    try:
+        assert _wait_all([waiting, failing], timeout_s=50) == (1, 3)
+        # It returned on the failure, not after the other process's 60 s.
+        assert time.monotonic() - started < 30
+    finally:
+        waiting.kill()
+        waiting.wait()
+    done = [subprocess.Popen([sys.executable, "-c", "pass"]) for _ in range(2)]
+    assert _wait_all(done, timeout_s=50) is None
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            _wait_all([sleeper], timeout_s=1)
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from hvdmri.bench.options import BenchConfig, worker_argv
@@ -85,21 +86,55 @@ def run_config(config: BenchConfig, folder: Path) -> dict:
 
 
 def _run_mwms(config: BenchConfig, bench: list[str], result: Path) -> dict:
-    """Start np processes with a TF_CONFIG on 127.0.0.1 ports and merge their measurements."""
+    """Start np processes with a TF_CONFIG on 127.0.0.1 ports and merge their measurements.
+
+    A worker that fails leaves the others waiting for it in a collective, so the
+    first failure ends the rest at once instead of after RUN_TIMEOUT_S.
+    """
     addresses = [f"127.0.0.1:{free_port()}" for _ in range(config.np)]
-    processes = []
+    processes, logs = [], []
     for index in range(config.np):
         tf_config = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
-        processes.append(subprocess.Popen(bench, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # Output goes to files: an unread pipe fills up and blocks the worker.
+        log = tempfile.TemporaryFile(mode="w+")
+        logs.append(log)
+        processes.append(subprocess.Popen(bench, stdout=log, stderr=subprocess.STDOUT, text=True,
                                           env=child_env(TF_CONFIG=json.dumps(tf_config))))
-    outputs = [process.communicate(timeout=RUN_TIMEOUT_S)[0] for process in processes]
-    failed = [(index, process.returncode) for index, process in enumerate(processes) if process.returncode]
-    if failed:
-        index, status = failed[0]
-        raise RuntimeError(f"configuration {config.name}: MWMS worker {index} failed with exit status "
-                           f"{status}: {outputs[index][-3000:]}")
+    try:
+        failed = _wait_all(processes, RUN_TIMEOUT_S)
+        if failed is not None:
+            index, status = failed
+            logs[index].seek(0)
+            raise RuntimeError(f"configuration {config.name}: MWMS worker {index} failed with exit status "
+                               f"{status}: {logs[index].read()[-3000:]}")
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        for log in logs:
+            log.close()
     workers = [json.loads(Path(f"{result}.{index}").read_text()) for index in range(config.np)]
     return {**combine(config, workers), "name": config.name}
+
+
+def _wait_all(processes: list[subprocess.Popen], timeout_s: float) -> tuple[int, int] | None:
+    """Wait until every process exits; return (index, exit status) of the first failure, or None.
+
+    Raises:
+        subprocess.TimeoutExpired: some process still runs after timeout_s.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        statuses = [process.poll() for process in processes]
+        for index, status in enumerate(statuses):
+            if status:
+                return index, status
+        if all(status == 0 for status in statuses):
+            return None
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(processes[0].args, timeout_s)
+        time.sleep(0.5)
 
 
 def run_rounds(configs: list[BenchConfig], repeats: int, out: str | None) -> list[dict]:
