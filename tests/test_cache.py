@@ -225,3 +225,29 @@ def test_train_cli_fills_cache(tmp_path, phantom_dir):
         checksums = np.fromfile(folder / "checksums.bin", "<u8")
         assert len(checksums) == meta["images"]
         assert np.count_nonzero(checksums) == meta["images"], folder.name
+
+
+def test_full_disk_mid_epoch_stops_caching(tmp_path, shard, monkeypatch):
+    import errno
+
+    from hvdmri.data import cache as cache_module
+
+    paths, labels = shard
+    cache = ImageCache(tmp_path / "cache", 0, paths, 32)
+    real_pwrite, writes = os.pwrite, []
+
+    def pwrite_until_full(fd, data, offset):
+        # Two writes per image (pixels, then checksum): the disk is full after four writes.
+        if len(writes) >= 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        writes.append(offset)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(cache_module.os, "pwrite", pwrite_until_full)
+    images, _ = read_all(make_dataset(paths, labels, 32, 8, training=False, cache=cache))
+    monkeypatch.undo()
+    uncached, _ = read_all(make_dataset(paths, labels, 32, 8, training=False))
+    assert np.array_equal(images, uncached)
+    # Parallel decode threads interleave their writes, so one or two slots were completed.
+    assert 1 <= cache.count_filled() <= 2
+    assert cache.write_error.errno == errno.ENOSPC

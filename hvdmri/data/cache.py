@@ -149,10 +149,21 @@ class ImageCache:
         if image.shape != self.image_shape or image.dtype != np.uint8:
             raise ValueError(f"cache slot {index}: expected a {self.image_shape} uint8 image, "
                              f"got {image.shape} {image.dtype}")
+        if getattr(self, "write_error", None):
+            return
         data = np.ascontiguousarray(image).tobytes()
-        os.pwrite(self._images, data, index * self.slot_bytes)
-        os.pwrite(self._checksums, (zlib.crc32(data) + 1).to_bytes(_CHECKSUM_BYTES, "little"),
-                  index * _CHECKSUM_BYTES)
+        try:
+            os.pwrite(self._images, data, index * self.slot_bytes)
+            os.pwrite(self._checksums, (zlib.crc32(data) + 1).to_bytes(_CHECKSUM_BYTES, "little"),
+                      index * _CHECKSUM_BYTES)
+        except OSError as error:
+            # The files are sparse, so a disk can fill up after the cache opened. Training
+            # goes on without caching: the slot's checksum is unwritten, so it reads as empty.
+            self.write_error = error
+            from hvdmri.distributed import get_logger
+
+            get_logger().warning("--cache-dir: writing the image cache failed (%s); training continues "
+                                 "without caching further images", error.strerror or error)
 
     def count_filled(self) -> int:
         """Return how many slots hold an image (checksums are not verified here)."""
