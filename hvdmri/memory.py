@@ -121,7 +121,6 @@ def single_worker_runs(lines: list[dict]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     """Fit the model over saved benchmark results: python -m hvdmri.memory FILE.jsonl..."""
     import argparse
-    import json
 
     parser = argparse.ArgumentParser(
         prog="python -m hvdmri.memory",
@@ -129,15 +128,13 @@ def main(argv: list[str] | None = None) -> int:
                     "hvdmri runs in files written by python -m hvdmri.bench --out.")
     parser.add_argument("results", nargs="+", help="files of benchmark JSON lines")
     args = parser.parse_args(argv)
-    lines = []
-    for path in args.results:
-        try:
-            with open(path) as stream:
-                lines += [json.loads(text) for text in stream if text.strip()]
-        except OSError as error:
-            parser.error(f"cannot read {path}: {error.strerror}")
-        except json.JSONDecodeError as error:
-            parser.error(f"{path} is not a file of JSON lines: {error}")
+    from hvdmri.bench.results import read_results
+
+    try:
+        lines = read_results(args.results, ("name", "mode", "world_size", "precision_used", "batch_size",
+                                            "image_size", "peak_rss_gib_per_worker"))
+    except ValueError as error:
+        parser.error(str(error))
     runs = single_worker_runs(lines)
     if not runs:
         parser.error("no successful single-worker hvdmri run in the files")

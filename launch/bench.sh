@@ -23,7 +23,7 @@ set -euo pipefail
 
 what="${1:-}"
 case "$what" in
-  -h|--help|"") sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; [[ -n "$what" ]]; exit $? ;;
+  -h|--help|"") sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; [[ -n "$what" ]]; exit $? ;;
   memory|compare|precision|link) ;;
   *) echo "bench.sh: unknown run '$what'; expected memory, compare, precision or link (see --help)" >&2; exit 2 ;;
 esac

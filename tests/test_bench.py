@@ -7,6 +7,7 @@ import pytest
 from conftest import horovodrun, run_module
 from hvdmri.bench.compare import describe_run, pair_ratio_table, parse_ratio, ratio_table
 from hvdmri.bench.measure import step_summary
+from hvdmri.bench.results import read_results
 from hvdmri.bench.scaling import Measured, estimate_table, measured_steps, ring_allreduce_s
 from hvdmri.memory import (MEMORY_MODEL_GIB, check_memory_budget, estimate_worker_memory_gib, fit_memory_model,
                            largest_batch_size)
@@ -223,25 +224,28 @@ def test_ring_allreduce_volume():
 def test_scaling_uses_single_worker_medians():
     def line(name, step_s, **extra):
         return {"name": name, "mode": "hvdmri", "world_size": 1, "precision_used": "float32", "batch_size": 10,
-                "step_s": step_s, **extra}
+                "image_size": 224, "step_s": step_s, **extra}
 
     lines = [line("a", 1.0), line("a", 3.0), line("a", 1.2), line("b", 2.0, world_size=2),
-             line("c", 2.0, mode="keras"), {"name": "a", "error": "failed"}]
+             line("c", 2.0, mode="keras"), {"name": "a", "error": "failed"}, line("a", 0.1, image_size=32)]
     runs = measured_steps(lines)
-    assert [(run.name, run.step_s, run.rounds) for run in runs] == [("a", 1.2, 3)]
+    # The 32 px run of the same name is a configuration of its own.
+    assert [(run.name, run.image_size, run.step_s, run.rounds) for run in runs] == [("a", 224, 1.2, 3),
+                                                                                  ("a", 32, 0.1, 1)]
 
 
 def test_scaling_table_arithmetic():
-    runs = [Measured("a", "float32", 10, 1.0, 1)]
+    runs = [Measured("a", 224, "float32", 10, 1.0, 1)]
     rows = estimate_table(runs, [1, 4], gradient_bytes=100e6, link_mb_s=100.0).splitlines()
-    assert rows[2] == "| a | float32 | 10 | 1 | 0.00 / 0.00 | 10.0 / 10.0 | 10.0 / 10.0 | 1.0 / 1.0 |"
+    assert rows[2] == "| a | 224 | float32 | 10 | 1 | 0.00 / 0.00 | 10.0 / 10.0 | 10.0 / 10.0 | 1.0 / 1.0 |"
     # 4 nodes: network 1.5 s (fp16 0.75 s); 40 images per step over 2.5 s, 1.75 s, 1.5 s and 1.0 s.
-    assert rows[3] == "| a | float32 | 10 | 4 | 1.50 / 0.75 | 16.0 / 22.9 | 26.7 / 40.0 | 1.6 / 2.3 |"
+    assert rows[3] == "| a | 224 | float32 | 10 | 4 | 1.50 / 0.75 | 16.0 / 22.9 | 26.7 / 40.0 | 1.6 / 2.3 |"
 
 
 def test_scaling_without_single_worker_runs(tmp_path):
     results = tmp_path / "bench.jsonl"
-    results.write_text(json.dumps({"name": "np2", "mode": "hvdmri", "world_size": 2, "step_s": 1.0}) + "\n")
+    results.write_text(json.dumps({"name": "np2", "mode": "hvdmri", "world_size": 2, "step_s": 1.0, "batch_size": 8,
+                                   "image_size": 224, "precision_used": "float32"}) + "\n")
     run = run_module(["hvdmri.bench.scaling", str(results)], timeout=120)
     assert run.returncode == 2
     assert "no successful single-worker hvdmri run" in run.stderr
@@ -298,3 +302,43 @@ def test_wait_all_returns_first_failure():
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("5\n", "line 1: expected a JSON object, got int"),
+    ('{"name": "a", "error": "x"}\n{"name": "b"}\n', "line 2: not a benchmark run, missing"),
+    ('{"name": "a", "error": "x"}\nnot json\n', "line 2: not JSON"),
+])
+def test_results_reader_names_bad_line(tmp_path, text, message):
+    results = tmp_path / "bench.jsonl"
+    results.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_results([str(results)], ("name", "step_s"))
+
+
+def test_results_reader_rejects_binary(tmp_path):
+    results = tmp_path / "scan.jpg"
+    results.write_bytes(bytes([0xFF, 0xD8, 0xFF, 0xE0, 0x80, 0x81]))
+    with pytest.raises(ValueError, match="not a text file"):
+        read_results([str(results)], ("name",))
+
+
+@pytest.mark.parametrize("spec", ["a/b=", "../../x=", ".hidden="])
+def test_config_name_must_be_plain(spec):
+    run = run_module(["hvdmri.bench", "--config", spec], timeout=120)
+    assert run.returncode == 2
+    assert "a name is letters, digits" in run.stderr
+
+
+def test_unwritable_out_stops_before_any_run(tmp_path):
+    run = run_module(["hvdmri.bench", "--out", str(tmp_path / "missing" / "out.jsonl")], timeout=120)
+    assert run.returncode == 2
+    assert "--out" in run.stderr
+    assert "No such file or directory" in run.stderr
+    assert '{"name"' not in run.stdout
+
+
+def test_compare_flags_rejected_in_worker():
+    run = run_module(["hvdmri.bench", "--worker", "--config", "a="], timeout=120)
+    assert run.returncode == 2
+    assert "start the comparison without horovodrun" in run.stderr

@@ -15,9 +15,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.worker or "HOROVOD_RANK" in os.environ:
+        # Started by horovodrun, every process is one worker of one configuration.
+        if args.config or args.ratio or args.repeats != 1 or args.memory_fit:
+            parser.error("--config, --ratio, --repeats and --memory-fit compare configurations in separate "
+                         "runs; start the comparison without horovodrun (it starts horovodrun itself for "
+                         "--np N)")
         config = config_from_args(args)
         check_config(parser, config)
-        return run_as_worker(config, args.result)
+        if args.out and not args.worker:
+            check_output_file(parser, args.out)
+        return run_as_worker(config, args.result or None, None if args.worker else args.out)
 
     from hvdmri.bench.compare import describe_run, pair_ratio_table, parse_ratio, ratio_table, run_rounds
 
@@ -25,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     for config in configs:
         check_config(parser, config)
     names = [config.name for config in configs]
+    if args.out:
+        check_output_file(parser, args.out)
     try:
         pairs = [parse_ratio(spec, names) for spec in args.ratio]
     except ValueError as error:
@@ -33,17 +42,28 @@ def main(argv: list[str] | None = None) -> int:
     if len(configs) > 1:
         print(ratio_table(lines, names))
     else:
-        print(describe_run(lines[0]))
+        for line in lines:
+            print(describe_run(line))
     if pairs:
         print(pair_ratio_table(lines, pairs))
     if args.memory_fit:
-        from hvdmri.memory import describe_fit
+        from hvdmri.memory import describe_fit, single_worker_runs
 
-        print(describe_fit(lines))
+        # The same runs as python -m hvdmri.memory would fit from the --out file.
+        print(describe_fit(single_worker_runs(lines)))
     return 1 if any("error" in line for line in lines) else 0
 
 
-def run_as_worker(config, result: str | None) -> int:
+def check_output_file(parser, out: str) -> None:
+    """Reject an --out file that cannot be appended to, before any run spends minutes."""
+    try:
+        with open(out, "a"):
+            pass
+    except OSError as error:
+        parser.error(f"--out {out}: cannot write: {error.strerror}")
+
+
+def run_as_worker(config, result: str | None, out: str | None = None) -> int:
     """Run one configuration here; rank 0 writes the JSON line (MWMS: every worker its own)."""
     from hvdmri.bench.compare import combine
     from hvdmri.bench.worker import run_worker
@@ -64,6 +84,9 @@ def run_as_worker(config, result: str | None) -> int:
         line = json.dumps(combine(config, workers))
         if result:
             Path(result).write_text(line)
+        if out:
+            with open(out, "a") as stream:
+                stream.write(line + "\n")
         print(line, flush=True)
     return 0
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import shlex
 from dataclasses import dataclass
 
 from hvdmri.cli import CommandParser, image_size, non_negative_int, positive_int
 
 MODES = ("hvdmri", "keras", "mwms")
+CONFIG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 INPUTS = ("synthetic", "real")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 
@@ -124,6 +126,9 @@ def parse_named_configs(parser: argparse.ArgumentParser, argv: list[str], specs:
         name, separator, flags = spec.partition("=")
         if not separator or not name:
             parser.error(f"--config {spec!r}: expected NAME=FLAGS, e.g. bf16=\"--precision mixed_bfloat16\"")
+        if not CONFIG_NAME.fullmatch(name):
+            parser.error(f"--config {name!r}: a name is letters, digits, '.', '_' and '-', starting with a "
+                         "letter or digit, because it also names the run's result file")
         if name in (config.name for config in configs):
             parser.error(f"--config {name}: the name is used twice")
         args = parser.parse_args([*argv, *shlex.split(flags)])

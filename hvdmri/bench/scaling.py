@@ -15,11 +15,11 @@ overlap (step = the larger of the two).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from dataclasses import dataclass
 
+from hvdmri.bench.results import read_results
 from hvdmri.cli import CommandParser, positive_float, positive_int
 
 # TCP payload of a full-duplex 1 GbE link per direction, after Ethernet, IP and TCP headers.
@@ -31,6 +31,7 @@ class Measured:
     """One configuration's median single-worker step."""
 
     name: str
+    image_size: int
     precision: str
     batch_size: int
     step_s: float
@@ -38,17 +39,19 @@ class Measured:
 
 
 def measured_steps(lines: list[dict]) -> list[Measured]:
-    """Return the median step time of every single-worker hvdmri configuration, in file order."""
-    steps: dict[str, list[float]] = {}
-    first: dict[str, dict] = {}
+    """Return the median step time of every single-worker hvdmri configuration, in file order.
+
+    Runs are grouped by name, image size, batch size and precision, so equal names
+    from different files stay apart when they measured different things.
+    """
+    steps: dict[tuple, list[float]] = {}
     for line in lines:
         if "error" in line or line.get("mode") != "hvdmri" or line.get("world_size") != 1:
             continue
-        steps.setdefault(line["name"], []).append(line["step_s"])
-        first.setdefault(line["name"], line)
-    return [Measured(name, first[name]["precision_used"], first[name]["batch_size"],
-                     statistics.median(values), len(values))
-            for name, values in steps.items()]
+        key = (line["name"], line["image_size"], line["precision_used"], line["batch_size"])
+        steps.setdefault(key, []).append(line["step_s"])
+    return [Measured(name, size, precision, batch, statistics.median(values), len(values))
+            for (name, size, precision, batch), values in steps.items()]
 
 
 def ring_allreduce_s(nodes: int, gradient_bytes: float, link_mb_s: float) -> float:
@@ -58,10 +61,10 @@ def ring_allreduce_s(nodes: int, gradient_bytes: float, link_mb_s: float) -> flo
 
 def estimate_table(runs: list[Measured], nodes: list[int], gradient_bytes: float, link_mb_s: float) -> str:
     """Format the estimate as a Markdown table, one row per configuration and node count."""
-    rows = ["| configuration | precision | batch | nodes | network s/step, float32 / fp16 | "
+    rows = ["| configuration | image size | precision | batch | nodes | network s/step, float32 / fp16 | "
             "images/s, no overlap, float32 / fp16 | images/s, full overlap, float32 / fp16 | "
             "speed-up over 1 node, no overlap, float32 / fp16 |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in runs:
         single_node = run.batch_size / run.step_s
         for count in nodes:
@@ -72,7 +75,7 @@ def estimate_table(runs: list[Measured], nodes: list[int], gradient_bytes: float
             serial_fp16 = images / (run.step_s + network_fp16)
             overlapped = images / max(run.step_s, network)
             overlapped_fp16 = images / max(run.step_s, network_fp16)
-            rows.append(f"| {run.name} | {run.precision} | {run.batch_size} | {count} | "
+            rows.append(f"| {run.name} | {run.image_size} | {run.precision} | {run.batch_size} | {count} | "
                         f"{network:.2f} / {network_fp16:.2f} | {serial:.1f} / {serial_fp16:.1f} | "
                         f"{overlapped:.1f} / {overlapped_fp16:.1f} | {serial / single_node:.1f} / {serial_fp16 / single_node:.1f} |")
     return "\n".join(rows)
@@ -104,15 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    lines = []
-    for path in args.results:
-        try:
-            with open(path) as stream:
-                lines += [json.loads(text) for text in stream if text.strip()]
-        except OSError as error:
-            parser.error(f"cannot read {path}: {error.strerror}")
-        except json.JSONDecodeError as error:
-            parser.error(f"{path} is not a file of JSON lines: {error}")
+    try:
+        lines = read_results(args.results, ("name", "mode", "world_size", "precision_used", "batch_size",
+                                            "image_size", "step_s"))
+    except ValueError as error:
+        parser.error(str(error))
     runs = measured_steps(lines)
     if not runs:
         parser.error(f"no successful single-worker hvdmri run in {', '.join(args.results)} to start from")
@@ -121,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gradient volume: {gradient_bytes / 1e6:.1f} MB float32 per step; link {args.link_mb_s:g} MB/s "
           "per direction")
     for run in runs:
-        print(f"{run.name}: median step {run.step_s:.3f} s over {run.rounds} round(s)")
+        print(f"{run.name} ({run.image_size} px, batch {run.batch_size}, {run.precision}): median step "
+              f"{run.step_s:.3f} s over {run.rounds} run(s)")
     print(estimate_table(runs, args.nodes, gradient_bytes, args.link_mb_s))
     return 0
 
