@@ -73,6 +73,11 @@ def check_memory_budget(budget_gib: float, batch_size: int, image_size: int, pre
             f"needs about {needed:.1f} GiB per worker")
     if largest:
         raise UsageError(f"{what}; the largest batch size that fits is {largest} (pass --batch-size {largest})")
+    fixed = estimate_worker_memory_gib(0, image_size, precision)
+    if fixed >= budget_gib:
+        # The fixed part (framework, weights, optimizer state) does not shrink with the image size.
+        raise UsageError(f"{what}, and the model alone needs about {fixed:.1f} GiB at any batch or image "
+                         f"size; raise --memory-budget")
     raise UsageError(f"{what}, and even batch size 1 does not fit; lower --image-size or raise --memory-budget")
 
 

@@ -133,8 +133,15 @@ def test_memory_budget_names_largest_batch():
 
 
 def test_memory_budget_below_one_image():
-    with pytest.raises(UsageError, match="even batch size 1 does not fit"):
-        check_memory_budget(0.2, 8, 224, "float32")
+    fixed = estimate_worker_memory_gib(0, 224, "float32")
+    per_image = estimate_worker_memory_gib(1, 224, "float32") - fixed
+    with pytest.raises(UsageError, match="even batch size 1 does not fit; lower --image-size"):
+        check_memory_budget(fixed + per_image / 2, 8, 224, "float32")
+
+
+def test_memory_budget_below_fixed_part():
+    with pytest.raises(UsageError, match="the model alone needs about .* GiB at any batch or image size"):
+        check_memory_budget(0.2, 8, 32, "float32")
 
 
 @pytest.mark.slow
