@@ -117,37 +117,6 @@ def describe_fit(lines: list[dict]) -> str:
     return "\n".join(described)
 
 
-def single_worker_runs(lines: list[dict]) -> list[dict]:
-    """Keep the successful runs of one hvdmri-mode worker: the case the model describes."""
-    return [line for line in lines
-            if "error" not in line and line.get("mode") == "hvdmri" and line.get("world_size") == 1]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Fit the model over saved benchmark results: python -m hvdmri.memory FILE.jsonl..."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m hvdmri.memory",
-        description="Fit peak RSS = a + b * batch * (size/224)^2 per precision over the single-worker "
-                    "hvdmri runs in files written by python -m hvdmri.bench --out.")
-    parser.add_argument("results", nargs="+", help="files of benchmark JSON lines")
-    args = parser.parse_args(argv)
-    from hvdmri.bench.results import read_results
-
-    try:
-        lines = read_results(args.results, ("name", "mode", "world_size", "precision_used", "batch_size",
-                                            "image_size", "peak_rss_gib_per_worker"))
-    except ValueError as error:
-        parser.error(str(error))
-    runs = single_worker_runs(lines)
-    if not runs:
-        parser.error("no successful single-worker hvdmri run in the files")
-    print(describe_fit(runs))
-    print(measured_against_model(runs))
-    return 0
-
-
 def measured_against_model(lines: list[dict]) -> str:
     """Format a Markdown table: measured peak RSS range per precision, batch and size, and the stored model."""
     peaks: dict[tuple[str, int, int], list[float]] = {}
@@ -162,6 +131,31 @@ def measured_against_model(lines: list[dict]) -> str:
         rows.append(f"| {precision} | {batch} | {size} | {len(values)} | {min(values):.2f}-{max(values):.2f} | "
                     f"{estimate} |")
     return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Fit the model over saved benchmark results: python -m hvdmri.memory FILE.jsonl..."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m hvdmri.memory",
+        description="Fit peak RSS = a + b * batch * (size/224)^2 per precision over the single-worker "
+                    "hvdmri runs in files written by python -m hvdmri.bench --out.")
+    parser.add_argument("results", nargs="+", help="files of benchmark JSON lines")
+    args = parser.parse_args(argv)
+    from hvdmri.bench.results import read_results, single_worker_runs
+
+    try:
+        lines = read_results(args.results, ("name", "mode", "world_size", "precision_used", "batch_size",
+                                            "image_size", "peak_rss_gib_per_worker"))
+    except ValueError as error:
+        parser.error(str(error))
+    runs = single_worker_runs(lines)
+    if not runs:
+        parser.error("no successful single-worker hvdmri run in the files")
+    print(describe_fit(runs))
+    print(measured_against_model(runs))
+    return 0
 
 
 if __name__ == "__main__":

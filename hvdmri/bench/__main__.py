@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         check_config(parser, config)
         if args.out and not args.worker:
             check_output_file(parser, args.out)
-        return run_as_worker(config, args.result or None, None if args.worker else args.out)
+        return run_as_worker(config, args.result, None if args.worker else args.out)
 
     from hvdmri.bench.compare import describe_run, pair_ratio_table, parse_ratio, ratio_table, run_rounds
 
@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     if pairs:
         print(pair_ratio_table(lines, pairs))
     if args.memory_fit:
-        from hvdmri.memory import describe_fit, single_worker_runs
+        from hvdmri.bench.results import single_worker_runs
+        from hvdmri.memory import describe_fit
 
         # The same runs as python -m hvdmri.memory would fit from the --out file.
         print(describe_fit(single_worker_runs(lines)))

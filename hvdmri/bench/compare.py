@@ -157,15 +157,21 @@ def run_rounds(configs: list[BenchConfig], repeats: int, out: str | None) -> lis
     return lines
 
 
+def runs_by_round(lines: list[dict]) -> dict[int, dict[str, dict]]:
+    """Group the successful runs by round number, then by configuration name."""
+    by_round: dict[int, dict[str, dict]] = {}
+    for line in lines:
+        if "error" not in line:
+            by_round.setdefault(line["round"], {})[line["name"]] = line
+    return by_round
+
+
 def ratio_table(lines: list[dict], names: list[str]) -> str:
     """Format a Markdown table: images/s per configuration and its ratio to the first one.
 
     The ratio is taken within each round (A B A B), then summarised by median and range.
     """
-    by_round: dict[int, dict[str, dict]] = {}
-    for line in lines:
-        if "error" not in line:
-            by_round.setdefault(line["round"], {})[line["name"]] = line
+    by_round = runs_by_round(lines)
     baseline = names[0]
     rows = ["| configuration | images/s (median) | images/s range | step s | ratio to "
             f"{baseline} (median) | ratio range | max peak RSS GiB | load avg 1 min |",
@@ -204,12 +210,9 @@ def pair_ratio_table(lines: list[dict], pairs: list[tuple[str, str]]) -> str:
     """Format a Markdown table of images/s ratios for chosen pairs, one column per round.
 
     Each ratio divides two runs of the same round, so a change of machine load
-    between rounds does not enter it; the spread across rounds shows what remains.
+    between rounds does not enter it. The spread across rounds shows what remains.
     """
-    by_round: dict[int, dict[str, dict]] = {}
-    for line in lines:
-        if "error" not in line:
-            by_round.setdefault(line["round"], {})[line["name"]] = line
+    by_round = runs_by_round(lines)
     rounds = sorted(by_round)
     rows = ["| ratio of images/s | " + " | ".join(f"round {number}" for number in rounds) + " | median |",
             "| --- |" + " --- |" * (len(rounds) + 1)]
@@ -229,7 +232,7 @@ def pair_ratio_table(lines: list[dict], pairs: list[tuple[str, str]]) -> str:
 
 
 def describe_run(line: dict) -> str:
-    """One readable line for a single run, printed after its JSON line."""
+    """Summarise a single run in one readable line, printed after its JSON line."""
     if "error" in line:
         return f"{line['name']}: failed: {line['error'][:200]}"
     workers = len(line["images_per_s_per_worker"])

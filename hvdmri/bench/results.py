@@ -12,7 +12,7 @@ def read_results(paths: list[str], required: tuple[str, ...]) -> list[dict]:
 
     Raises:
         ValueError: a file cannot be read, or a line is not a JSON object with the
-            required fields; the message names the file and line number.
+            required fields. The message names the file and line number.
     """
     runs = []
     for path in paths:
@@ -39,3 +39,9 @@ def read_results(paths: list[str], required: tuple[str, ...]) -> list[dict]:
                 raise ValueError(f"{path} line {number}: not a benchmark run, missing {', '.join(missing)}")
             runs.append(line)
     return runs
+
+
+def single_worker_runs(lines: list[dict]) -> list[dict]:
+    """Keep the successful hvdmri-mode runs of one worker, which the memory fit and scaling start from."""
+    return [line for line in lines
+            if "error" not in line and line.get("mode") == "hvdmri" and line.get("world_size") == 1]

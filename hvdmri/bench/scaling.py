@@ -2,9 +2,9 @@
 
     python -m hvdmri.bench.scaling bench-compare.jsonl bench-precision.jsonl --nodes 1 4 8
 
-This is arithmetic, not a measurement. For every single-worker hvdmri run in the
-files (grouped by configuration name, median step time over its rounds) it assumes
-one worker per node with that step time as the compute time. A ring allreduce
+This is arithmetic, not a measurement. Single-worker hvdmri runs in the files are
+grouped by name, image size, precision and batch size. For each group the estimate
+assumes one worker per node, with the group's median step time as the compute time. A ring allreduce
 sends and receives 2 * (N - 1) / N times the gradient bytes per worker and step.
 The network time is that volume divided by the link's payload rate per direction,
 for float32 gradients and for --fp16-allreduce (half the bytes). Two bounds
@@ -19,7 +19,7 @@ import statistics
 import sys
 from dataclasses import dataclass
 
-from hvdmri.bench.results import read_results
+from hvdmri.bench.results import read_results, single_worker_runs
 from hvdmri.cli import CommandParser, positive_float, positive_int
 
 # TCP payload of a full-duplex 1 GbE link per direction, after Ethernet, IP and TCP headers.
@@ -45,9 +45,7 @@ def measured_steps(lines: list[dict]) -> list[Measured]:
     from different files stay apart when they measured different things.
     """
     steps: dict[tuple, list[float]] = {}
-    for line in lines:
-        if "error" in line or line.get("mode") != "hvdmri" or line.get("world_size") != 1:
-            continue
+    for line in single_worker_runs(lines):
         key = (line["name"], line["image_size"], line["precision_used"], line["batch_size"])
         steps.setdefault(key, []).append(line["step_s"])
     return [Measured(name, size, precision, batch, statistics.median(values), len(values))
@@ -77,7 +75,8 @@ def estimate_table(runs: list[Measured], nodes: list[int], gradient_bytes: float
             overlapped_fp16 = images / max(run.step_s, network_fp16)
             rows.append(f"| {run.name} | {run.image_size} | {run.precision} | {run.batch_size} | {count} | "
                         f"{network:.2f} / {network_fp16:.2f} | {serial:.1f} / {serial_fp16:.1f} | "
-                        f"{overlapped:.1f} / {overlapped_fp16:.1f} | {serial / single_node:.1f} / {serial_fp16 / single_node:.1f} |")
+                        f"{overlapped:.1f} / {overlapped_fp16:.1f} | "
+                        f"{serial / single_node:.1f} / {serial_fp16 / single_node:.1f} |")
     return "\n".join(rows)
 
 

@@ -96,6 +96,8 @@ class ImageCache:
         self.hits = 0
         self.misses = 0
         self.corrupt = 0
+        # The first failed write (a full disk, say); after it put() no longer writes.
+        self.write_error: OSError | None = None
         self.rebuilt = False
         self._lock = threading.Lock()
         self._open()
@@ -149,7 +151,7 @@ class ImageCache:
         if image.shape != self.image_shape or image.dtype != np.uint8:
             raise ValueError(f"cache slot {index}: expected a {self.image_shape} uint8 image, "
                              f"got {image.shape} {image.dtype}")
-        if getattr(self, "write_error", None):
+        if self.write_error:
             return
         data = np.ascontiguousarray(image).tobytes()
         try:
