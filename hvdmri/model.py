@@ -12,6 +12,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from hvdmri.distributed import UsageError
+from hvdmri.fused_relu import use_fused_relu
 
 # The last convolutional block of Keras' ResNet-50; Grad-CAM reads its output.
 LAST_CONV_LAYER = "conv5_block3_out"
@@ -22,12 +23,15 @@ WEIGHTS_HELP = ("pass --weights PATH with a local ResNet-50 weights file "
 
 
 def build_model(num_classes: int, image_size: int, weights: str | None = "imagenet",
-                dropout: float = 0.5) -> tf.keras.Model:
+                dropout: float = 0.5, fused_relu: bool | None = None) -> tf.keras.Model:
     """Build ResNet-50 (no top) + global average pooling + Dense 128 ReLU + Dropout + softmax.
 
     Args:
         weights: "imagenet" (download through Keras), None for random
             initialisation, or the path of a local weights file for the base.
+        fused_relu: run the base's ReLU layers as XLA kernels (hvdmri.fused_relu).
+            None: when the global Keras policy computes in bfloat16, the only case
+            where they are faster.
 
     Raises:
         UsageError: the weights file is missing or does not fit ResNet-50, or the
@@ -42,7 +46,12 @@ def build_model(num_classes: int, image_size: int, weights: str | None = "imagen
     # too many digits for a stable loss and for calibration.
     outputs = tf.keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
                                     name="predictions")(x)
-    return tf.keras.Model(inputs, outputs, name="resnet50_mri")
+    model = tf.keras.Model(inputs, outputs, name="resnet50_mri")
+    if fused_relu is None:
+        fused_relu = tf.keras.mixed_precision.global_policy().compute_dtype == "bfloat16"
+    if fused_relu:
+        use_fused_relu(model)
+    return model
 
 
 def _build_base(inputs: tf.Tensor, weights: str | None) -> tf.keras.Model:

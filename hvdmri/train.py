@@ -285,8 +285,9 @@ def train(config: TrainConfig) -> Path:
 
     precision = resolve_precision(config.precision)
     tf.keras.mixed_precision.set_global_policy(precision)
-    log.info("precision: %s%s", precision, " (CPU has bf16 support)" if config.precision == "auto"
-             and precision != "float32" else "")
+    log.info("precision: %s%s%s", precision, " (CPU has bf16 support)" if config.precision == "auto"
+             and precision != "float32" else "",
+             "; ReLU and residual Add run as XLA kernels" if precision == "mixed_bfloat16" else "")
     # The same seed on every rank gives identical initial weights; rank 0's are
     # broadcast anyway, the seed only makes runs repeatable.
     tf.keras.utils.set_random_seed(config.seed)

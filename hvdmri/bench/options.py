@@ -45,6 +45,7 @@ class BenchConfig:
     threads: int | None = None
     fp16_allreduce: bool = False
     augment: bool = False
+    no_fused_relu: bool = False
     warmup_steps: int = 3
     steps: int = 8
     breakdown_steps: int = 4
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="hvdmri mode: send gradients as float16 in the allreduce")
     run.add_argument("--augment", action="store_true",
                      help="with --input real: apply the training augmentation (default off)")
+    run.add_argument("--no-fused-relu", action="store_true",
+                     help="keep TensorFlow's own ReLU and Add kernels in bf16 (hvdmri uses XLA-compiled "
+                          "ones there; see hvdmri/fused_relu.py), to measure what they bring")
     run.add_argument("--warmup-steps", type=positive_int, default=d.warmup_steps,
                      help=f"untimed steps first: graph tracing and memory allocation (default {d.warmup_steps})")
     run.add_argument("--steps", type=positive_int, default=d.steps,
@@ -162,4 +166,6 @@ def worker_argv(config: BenchConfig) -> list[str]:
         argv.append("--fp16-allreduce")
     if config.augment:
         argv.append("--augment")
+    if config.no_fused_relu:
+        argv.append("--no-fused-relu")
     return argv

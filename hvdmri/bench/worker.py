@@ -107,7 +107,9 @@ def _compiled_model(config: BenchConfig, world_size: int):
 
     from hvdmri.model import build_model, set_trainable
 
-    model = build_model(NUM_CLASSES, config.image_size, weights=None)
+    # As in hvdmri.train: XLA ReLU kernels when the policy is bf16, unless switched off.
+    model = build_model(NUM_CLASSES, config.image_size, weights=None,
+                        fused_relu=False if config.no_fused_relu else None)
     set_trainable(model, "conv1", freeze_batchnorm=False)
     optimizer = tf.keras.optimizers.Adam(1e-4 * world_size)
     if config.mode == "hvdmri":
