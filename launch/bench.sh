@@ -8,7 +8,8 @@
 #            several result files, which is how hvdmri/memory.py got its figures
 #   compare  224 px, batch 8, three interleaved rounds: plain Keras, hvdmri np=1 (bf16 and
 #            float32, synthetic and real input), hvdmri np=2, MultiWorkerMirroredStrategy np=2
-#   precision  224 px, mixed_bfloat16 against float32 at batch 16 and 32, two rounds
+#   precision  224 px, mixed_bfloat16 against float32 at batch 16 and 32, three rounds; at
+#            batch 16 also bf16 with TensorFlow's own ReLU kernels (--no-fused-relu)
 #   link     hvdmri np=2 with and without --fp16-allreduce on an emulated 1 Gbit/s link:
 #            a network namespace whose loopback is shaped by tc's token bucket filter
 #            (needs root; the namespace is deleted afterwards, also on failure)
@@ -23,7 +24,7 @@ set -euo pipefail
 
 what="${1:-}"
 case "$what" in
-  -h|--help|"") sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; [[ -n "$what" ]]; exit $? ;;
+  -h|--help|"") sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; [[ -n "$what" ]]; exit $? ;;
   memory|compare|precision|link) ;;
   *) echo "bench.sh: unknown run '$what'; expected memory, compare, precision or link (see --help)" >&2; exit 2 ;;
 esac
@@ -55,12 +56,15 @@ elif [[ "$what" == compare ]]; then
     --config real="--input real --data $data" --config np2="--np 2" --config mwms2="--mode mwms --np 2" \
     --ratio hvdmri/keras --ratio hvdmri/float32 --ratio real/hvdmri --ratio np2/hvdmri --ratio np2/mwms2
 elif [[ "$what" == precision ]]; then
-  bench --image-size 224 --warmup-steps 3 --steps 8 --breakdown-steps 0 --repeats 2 \
+  # bf16-b16-eigen keeps TensorFlow's own ReLU and Add kernels: what hvdmri/fused_relu.py brings.
+  bench --image-size 224 --warmup-steps 3 --steps 8 --breakdown-steps 0 --repeats 3 \
     --config bf16-b16="--precision mixed_bfloat16 --batch-size 16" \
+    --config bf16-b16-eigen="--precision mixed_bfloat16 --batch-size 16 --no-fused-relu" \
     --config float32-b16="--precision float32 --batch-size 16" \
     --config bf16-b32="--precision mixed_bfloat16 --batch-size 32" \
     --config float32-b32="--precision float32 --batch-size 32" \
-    --ratio bf16-b16/float32-b16 --ratio bf16-b32/float32-b32
+    --ratio bf16-b16/float32-b16 --ratio bf16-b16-eigen/float32-b16 --ratio bf16-b16/bf16-b16-eigen \
+    --ratio bf16-b32/float32-b32
 else
   namespace="hvdmri-bench-$$"
   ip netns add "$namespace"
