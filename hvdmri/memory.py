@@ -16,17 +16,17 @@ REFERENCE_SIZE = 224
 
 # (a GiB, b GiB per 224 px image) from `python -m hvdmri.memory docs/results/*.jsonl`. That
 # fit covers the peak RSS of one worker training the whole network at 224 px, batch 8 to 64,
-# in 42 benchmark runs on a 2-core Intel VM with AVX512_BF16 and AMX (TensorFlow 2.15.1,
+# in 55 benchmark runs on a 2-core Intel VM with AVX512_BF16 and AMX (TensorFlow 2.15.1,
 # Horovod 0.28.1). b is the least-squares slope. a is the least-squares intercept plus the
-# largest residual, so the model lies at or above every measured run, by up to 1.05 GiB
-# (float32) and 0.12 GiB (bfloat16). The float32 margin is large because the same float32
+# largest residual, so the model lies at or above every measured run, by up to 1.04 GiB
+# (float32) and 0.19 GiB (bfloat16). The float32 margin is large because the same float32
 # run peaked 0.9 GiB higher in some runs than in others (batch 32: 4.0 or 4.9 GiB), and the
 # bound covers the higher one.
 # NOTE: measured with one worker on the machine, and docs/BENCHMARKS.md gives what a second
 # worker adds. Other TensorFlow versions or CPUs can differ.
 MEMORY_MODEL_GIB = {
-    "float32": (2.142, 0.0883),
-    "mixed_bfloat16": (1.428, 0.0429),
+    "float32": (2.159, 0.0878),
+    "mixed_bfloat16": (1.483, 0.0435),
 }
 
 

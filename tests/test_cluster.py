@@ -19,6 +19,7 @@ import pytest
 
 from cluster_fixtures import SLURM_BINARIES, SSH_BINARIES, free_port, require_tools, slurm_cluster, sshd
 from conftest import REPO, clean_env, rank_lines
+from hvdmri.memory import MEMORY_MODEL_GIB
 from hvdmri.preflight import (HostEntry, HostfileError, HostReport, Settings, check_interfaces, estimate_worker_memory_gib,
                               parse_hostfile)
 
@@ -84,7 +85,8 @@ def test_script_help_opens_with_example(script):
 
 def test_memory_estimate_grows_with_batch_and_size():
     # hvdmri/memory.py's float32 fit, a + b * 16, the larger of the two precisions.
-    assert estimate_worker_memory_gib(16, 224) == pytest.approx(2.142 + 0.0883 * 16)
+    fixed, per_image = MEMORY_MODEL_GIB["float32"]
+    assert estimate_worker_memory_gib(16, 224) == pytest.approx(fixed + per_image * 16)
     assert estimate_worker_memory_gib(16, 224, "mixed_bfloat16") < estimate_worker_memory_gib(16, 224, "float32")
     assert estimate_worker_memory_gib(16, 96) < estimate_worker_memory_gib(16, 224)
     assert estimate_worker_memory_gib(8, 224) < estimate_worker_memory_gib(16, 224)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import run_module
 from hvdmri.fused_relu import use_fused_relu
 from hvdmri.model import build_model
 
@@ -80,3 +81,22 @@ def test_fused_model_saves_as_plain_keras(bf16_policy, tmp_path):
     loaded = tf.keras.models.load_model(str(path), compile=False)
     images = tf.random.stateless_uniform((2, 32, 32, 3), seed=(1, 2))
     np.testing.assert_allclose(loaded(images).numpy(), fused(images).numpy(), atol=1e-6)
+
+
+def relu_grad_calls(flags: list[str], tmp_path) -> float:
+    """Return the ReluGrad ops per step of a bf16 model.fit step, from hvdmri.bench.ops."""
+    completed = run_module(["hvdmri.bench.ops", "--precision", "mixed_bfloat16", "--image-size", "32",
+                            "--batch-size", "2", "--warmup-steps", "1", "--steps", "1", "--top", "500", *flags],
+                           cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    rows = [line.split("|") for line in completed.stdout.splitlines() if line.startswith("| ")]
+    calls = {row[1].strip(): row[3].strip() for row in rows}
+    assert "_MklNativeConv2DBackpropFilterWithBias" in calls
+    return float(calls.get("ReluGrad", 0))
+
+
+def test_training_step_uses_xla_relu_gradients(tmp_path):
+    # Only the head's Dense ReLU keeps TensorFlow's ReluGrad. The 49 of the base
+    # come back with --no-fused-relu.
+    assert relu_grad_calls([], tmp_path) == 1
+    assert relu_grad_calls(["--no-fused-relu"], tmp_path) == 50

@@ -17,7 +17,7 @@ def run_worker(config: BenchConfig) -> dict:
     from hvdmri.bench.measure import load_average
 
     load_start = load_average()
-    rank, world_size, strategy = _start_workers(config)
+    rank, world_size, strategy = start_workers(config)
     import tensorflow as tf
 
     from hvdmri.train import resolve_precision
@@ -29,10 +29,10 @@ def run_worker(config: BenchConfig) -> dict:
         dataset = strategy.distribute_datasets_from_function(
             lambda context: make_input(config, context.input_pipeline_id, context.num_input_pipelines))
         with strategy.scope():
-            model = _compiled_model(config, world_size)
+            model = compiled_model(config, world_size)
     else:
         dataset = make_input(config, rank, world_size)
-        model = _compiled_model(config, world_size)
+        model = compiled_model(config, world_size)
     measured = _time_fit(config, model, dataset)
     if config.mode == "hvdmri" and config.breakdown_steps:
         # Built after fit on purpose: peak_rss_gib above is the peak of model.fit alone.
@@ -47,7 +47,7 @@ def run_worker(config: BenchConfig) -> dict:
             "tensorflow": tf.__version__, "horovod": horovod.__version__}
 
 
-def _start_workers(config: BenchConfig):
+def start_workers(config: BenchConfig):
     """Initialise the mode's runtime; return (rank, world_size, MWMS strategy or None).
 
     Thread pools are sized first, as in hvdmri.train: TensorFlow fixes them at its first op.
@@ -101,7 +101,7 @@ def make_input(config: BenchConfig, rank: int, world_size: int):
     return tf.data.Dataset.from_tensors((images, labels)).repeat()
 
 
-def _compiled_model(config: BenchConfig, world_size: int):
+def compiled_model(config: BenchConfig, world_size: int):
     """Build and compile the hvdmri model for the mode, whole network trainable as with --weights none."""
     import tensorflow as tf
 
