@@ -6,8 +6,8 @@ Eigen, which the pip build of TensorFlow compiles without AVX-512 ("To enable th
 following instructions: AVX2 AVX512F ... rebuild TensorFlow", as it logs at
 start). XLA compiles the same element-wise work for the CPU it runs on, so this
 module moves it there and leaves the convolutions and batch normalization to
-oneDNN. A bf16 training step at 224 px then takes about a tenth less time
-(`--no-fused-relu` in docs/BENCHMARKS.md):
+oneDNN. A bf16 training step at 224 px then took 5-15% less time at batch 8 to
+16 (`--no-fused-relu` in docs/BENCHMARKS.md):
 
 - The gradient of every ReLU after a batch normalization becomes one XLA kernel.
   The forward ReLU stays a plain op, so TensorFlow still fuses it into the batch
