@@ -84,7 +84,7 @@ def test_fused_model_saves_as_plain_keras(bf16_policy, tmp_path):
 
 
 def relu_grad_calls(flags: list[str], tmp_path) -> float:
-    """Return the ReluGrad ops per step of a bf16 model.fit step, from hvdmri.bench.ops."""
+    """Return the ReluGrad calls in one bf16 model.fit step, as hvdmri.bench.ops counts them."""
     completed = run_module(["hvdmri.bench.ops", "--precision", "mixed_bfloat16", "--image-size", "32",
                             "--batch-size", "2", "--warmup-steps", "1", "--steps", "1", "--top", "500", *flags],
                            cwd=tmp_path)

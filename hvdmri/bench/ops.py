@@ -80,19 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="python -m hvdmri.bench.ops",
                            description="Trace training steps of the hvdmri model with the TensorFlow "
                                        "profiler and print the time per op type.")
-    d = BenchConfig()
-    parser.add_argument("--image-size", type=image_size, default=d.image_size,
-                        help=f"side of the square model input in pixels (default {d.image_size})")
-    parser.add_argument("--batch-size", type=positive_int, default=d.batch_size,
-                        help=f"images per step (default {d.batch_size})")
-    parser.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+    defaults = BenchConfig()
+    parser.add_argument("--image-size", type=image_size, default=defaults.image_size,
+                        help=f"side of the square model input in pixels (default {defaults.image_size})")
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
+                        help=f"images per step (default {defaults.batch_size})")
+    parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
                         help="Keras dtype policy; auto as in hvdmri.train (default auto)")
     parser.add_argument("--no-fused-relu", action="store_true",
                         help="keep TensorFlow's own ReLU and Add kernels in bf16")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="intra-op threads (default: the machine's cores)")
-    parser.add_argument("--warmup-steps", type=positive_int, default=d.warmup_steps,
-                        help=f"untimed steps before the trace (default {d.warmup_steps})")
+    parser.add_argument("--warmup-steps", type=positive_int, default=defaults.warmup_steps,
+                        help=f"untimed steps before the trace (default {defaults.warmup_steps})")
     parser.add_argument("--steps", type=positive_int, default=2, help="traced steps (default 2)")
     parser.add_argument("--top", type=positive_int, default=25, help="op types to list (default 25)")
     return parser
