@@ -12,7 +12,6 @@ exactly once whatever the number of ranks. Rank 0 writes the results.
 from __future__ import annotations
 
 import argparse
-import math
 import socket
 import sys
 from pathlib import Path
@@ -246,7 +245,7 @@ def write_results(out_dir: Path, run_dir: Path, data_root: Path, listing, ids, p
     """Compute every metric on the gathered predictions and write the evaluation files."""
     import numpy as np
 
-    from hvdmri.metrics import calibration_metrics, classification_metrics, screening_metrics
+    from hvdmri.metrics import calibration_metrics, classification_metrics, format_metric, headline, screening_metrics
     from hvdmri.report import write_evaluation
 
     log = get_logger()
@@ -275,10 +274,8 @@ def write_results(out_dir: Path, run_dir: Path, data_root: Path, listing, ids, p
         raise UsageError(f"writing the evaluation into {out_dir} failed ({error}); "
                          f"choose a writable folder with --out") from None
 
-    log.info("accuracy %.4f, balanced accuracy %.4f, glioma recall %.4f, no-tumor precision %.4f, "
-             "ECE %.4f (%d images, %d unreadable)", metrics["accuracy"], metrics["balanced_accuracy"],
-             metrics.get("glioma_recall", math.nan), metrics.get("notumor_precision", math.nan),
-             metrics["calibration"]["ece"], metrics["images_evaluated"], metrics["images_unreadable"])
+    log.info("%s, ECE %s (%d images, %d unreadable)", headline(metrics),
+             format_metric(metrics["calibration"]["ece"]), metrics["images_evaluated"], metrics["images_unreadable"])
     log.info("report: %s", report)
 
 

@@ -71,6 +71,20 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray,
     return result
 
 
+def format_metric(value, digits: int = 4) -> str:
+    """Format a metric with fixed digits, or as n/a where it is undefined (NaN) or absent."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def headline(metrics: dict) -> str:
+    """Format accuracy, balanced accuracy, glioma recall and no-tumor precision as one log line."""
+    figures = (("accuracy", "accuracy"), ("balanced accuracy", "balanced_accuracy"),
+               ("glioma recall", "glioma_recall"), ("no-tumor precision", "notumor_precision"))
+    return ", ".join(f"{label} {format_metric(metrics.get(key))}" for label, key in figures)
+
+
 def one_vs_rest_roc_auc(y_true: np.ndarray, probabilities: np.ndarray, n_classes: int) -> list[float]:
     """Return each class's ROC AUC against all others, NaN where the class is absent or alone."""
     y_true = np.asarray(y_true, dtype=int)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import os
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from matplotlib.figure import Figure
 from sklearn import metrics as skm
 
 from hvdmri import runs
-from hvdmri.metrics import NO_TUMOR_CLASS
+from hvdmri.metrics import NO_TUMOR_CLASS, format_metric
 
 METRICS_JSON = "metrics.json"
 PREDICTIONS_CSV = "predictions.csv"
@@ -148,12 +147,8 @@ def plot_reliability_diagram(path: str | os.PathLike, calibration: dict) -> None
     _save(figure, path)
 
 
-def _format(value, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
+def _format(value) -> str:
+    return format_metric(value) if value is None or isinstance(value, float) else str(value)
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:

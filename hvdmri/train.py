@@ -483,7 +483,7 @@ def finish_run(workers: Workers, model, config: TrainConfig, plan: dict, run_dir
     from hvdmri.data.pipeline import make_dataset
     from hvdmri.data.split import shard
     from hvdmri.inference import gather_by_index, predict_shard
-    from hvdmri.metrics import classification_metrics
+    from hvdmri.metrics import classification_metrics, headline
     from hvdmri.model import build_model
 
     log = get_logger()
@@ -520,10 +520,7 @@ def finish_run(workers: Workers, model, config: TrainConfig, plan: dict, run_dir
             clean.save(str(temporary))
         runs.write_json(run_dir / runs.METRICS_FILE, metrics)
         if "accuracy" in metrics:
-            log.info("validation: accuracy %.4f, balanced accuracy %.4f, glioma recall %.4f, "
-                     "no-tumor precision %.4f (%d images)", metrics["accuracy"], metrics["balanced_accuracy"],
-                     metrics.get("glioma_recall", math.nan), metrics.get("notumor_precision", math.nan),
-                     metrics["support"])
+            log.info("validation: %s (%d images)", headline(metrics), metrics["support"])
         log.info("run folder: %s", run_dir)
 
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from hvdmri.metrics import calibration_metrics, classification_metrics, screening_metrics
+from hvdmri.metrics import calibration_metrics, classification_metrics, headline, screening_metrics
 from hvdmri.runs import json_safe
 
 CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
@@ -84,6 +84,20 @@ def test_per_class_scores_by_hand(example):
 def test_headline_names_by_hand(example):
     assert example["glioma_recall"] == pytest.approx(2 / 3)
     assert example["notumor_precision"] == pytest.approx(1 / 2)
+
+
+def test_headline_line(example):
+    assert headline(example) == ("accuracy 0.7500, balanced accuracy 0.7917, glioma recall 0.6667, "
+                                 "no-tumor precision 0.5000")
+
+
+def test_headline_undefined_precision_is_na():
+    # No image is predicted "no tumor", so its precision is undefined: n/a, not nan.
+    y_true = np.array([0, 2])
+    probabilities = np.array([[0.7, 0.1, 0.1, 0.1], [0.7, 0.1, 0.1, 0.1]])
+    result = classification_metrics(y_true, probabilities, CLASSES)
+    assert math.isnan(result["notumor_precision"])
+    assert headline(result).endswith("glioma recall 1.0000, no-tumor precision n/a")
 
 
 def test_averages_by_hand(example):
