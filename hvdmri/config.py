@@ -58,6 +58,7 @@ class TrainConfig:
     cache_dir: str | None = None
     feature_cache: bool = False
     precision: str = "auto"
+    no_fused_relu: bool = False
     threads: int | None = None
     fp16_allreduce: bool = False
     memory_budget: float | None = None
@@ -135,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                          help="auto: mixed_bfloat16 on CPUs with AVX512_BF16 or AMX, else float32 "
                               "(default auto)")
+    runtime.add_argument("--no-fused-relu", action="store_true",
+                         help="in bf16, keep TensorFlow's own ReLU and Add kernels instead of hvdmri's XLA "
+                              "ones (slower; for a TensorFlow build that cannot compile them)")
     runtime.add_argument("--threads", type=positive_int, default=None,
                          help="intra-op threads per worker (default: the node's cores divided by "
                               "its workers)")

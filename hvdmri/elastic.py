@@ -195,7 +195,8 @@ def check_elastic_flags(config: TrainConfig) -> None:
 def build_plan_model(config: TrainConfig, plan: dict, weights: str | None) -> tf.keras.Model:
     from hvdmri.model import build_model, set_batchnorm_momentum
 
-    model = build_model(len(plan["class_names"]), config.image_size, weights)
+    model = build_model(len(plan["class_names"]), config.image_size, weights,
+                        fused_relu=False if config.no_fused_relu else None)
     if config.weights == "none":
         set_batchnorm_momentum(model, config.scratch_bn_momentum)
     return model

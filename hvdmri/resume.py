@@ -18,7 +18,8 @@ from hvdmri.distributed import UsageError
 
 # Flags that must match the interrupted run: changing them would make the saved
 # weights, split, epoch numbering or learning-rate schedule mean something else.
-# Runtime flags (threads, precision, --fp16-allreduce) and the number of workers may change.
+# Runtime flags (threads, precision, --no-fused-relu, --fp16-allreduce) and the number of
+# workers may change.
 MUST_MATCH = ("data", "exclude_duplicates_of", "weights", "image_size", "batch_size", "val_fraction", "seed",
               "limit_per_class", "augment", "head_epochs", "head_lr", "finetune_epochs", "finetune_lr",
               "finetune_from", "full_epochs", "full_lr", "scratch_epochs", "scratch_lr",

@@ -287,7 +287,8 @@ def train(config: TrainConfig) -> Path:
     tf.keras.mixed_precision.set_global_policy(precision)
     log.info("precision: %s%s%s", precision, " (CPU has bf16 support)" if config.precision == "auto"
              and precision != "float32" else "",
-             "; ReLU and residual Add run as XLA kernels" if precision == "mixed_bfloat16" else "")
+             "; ReLU and residual Add run as XLA kernels" if precision == "mixed_bfloat16"
+             and not config.no_fused_relu else "")
     # The same seed on every rank gives identical initial weights; rank 0's are
     # broadcast anyway, the seed only makes runs repeatable.
     tf.keras.utils.set_random_seed(config.seed)
@@ -315,7 +316,8 @@ def train(config: TrainConfig) -> Path:
     if weights == "imagenet":
         run_on_chief(workers, lambda: build_model(len(class_names), config.image_size, "imagenet") and None,
                      "download_weights")
-    model = build_model(len(class_names), config.image_size, weights)
+    model = build_model(len(class_names), config.image_size, weights,
+                        fused_relu=False if config.no_fused_relu else None)
     if weights is None:
         set_batchnorm_momentum(model, config.scratch_bn_momentum)
         log.info("--weights none: a frozen random base would learn nothing, so the whole network "
