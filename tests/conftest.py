@@ -75,6 +75,26 @@ def horovodrun_argv(np_: int, command: list[str], extra: list[str] | None = None
             *(extra or []), sys.executable, *command]
 
 
+def descendants(parent: int) -> set[int]:
+    """Return the pids of every process below parent."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # The parent pid is the 2nd field after the parenthesised command name.
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, stack = set(), [parent]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.add(child)
+            stack.append(child)
+    return found
+
+
 def rank_lines(output: str, rank: int) -> list[str]:
     """Lines horovodrun prefixed with this rank ("[1]<stdout>:..." under Gloo)."""
     prefix = f"[{rank}]<"

@@ -1,10 +1,16 @@
 """The benchmark's JSON line and ratio table, and the memory model behind --memory-budget."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from conftest import horovodrun, run_module
+from conftest import clean_env, descendants, horovodrun, run_module
 from hvdmri.bench.compare import describe_run, pair_ratio_table, parse_ratio, ratio_table
 from hvdmri.bench.measure import step_summary
 from hvdmri.bench.results import read_results
@@ -12,7 +18,7 @@ from hvdmri.bench.scaling import Measured, estimate_table, measured_steps, ring_
 from hvdmri.memory import (MEMORY_MODEL_GIB, check_memory_budget, estimate_worker_memory_gib, fit_memory_model,
                            largest_batch_size)
 from hvdmri.memory import main as memory_main
-from hvdmri.distributed import UsageError
+from hvdmri.distributed import CYCLE_TIME_MS, UsageError
 
 TINY = ["--image-size", "32", "--batch-size", "2", "--warmup-steps", "1", "--steps", "2", "--breakdown-steps", "1"]
 LINE_FIELDS = ("name", "mode", "input", "np", "image_size", "batch_size", "precision_used", "world_size",
@@ -156,6 +162,34 @@ def test_train_rejects_batch_over_budget(phantom_dir, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+SHOW_CYCLE_TIME = """
+import os
+from hvdmri.distributed import setup_horovod
+setup_horovod(1)
+print("HOROVOD_CYCLE_TIME=" + os.environ["HOROVOD_CYCLE_TIME"])
+"""
+
+
+@pytest.mark.parametrize("exported", [None, "4"])
+def test_setup_horovod_sets_cycle_time_unless_given(exported):
+    env = clean_env()
+    env.pop("HOROVOD_CYCLE_TIME", None)
+    if exported:
+        env["HOROVOD_CYCLE_TIME"] = exported
+    run = subprocess.run([sys.executable, "-c", SHOW_CYCLE_TIME], capture_output=True, text=True, timeout=120,
+                         env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    expected = exported or str(CYCLE_TIME_MS)
+    assert f"HOROVOD_CYCLE_TIME={expected}\n" in run.stdout
+    assert f"cycle time {expected} ms" in run.stdout
+
+
+def test_cycle_time_only_with_horovod():
+    run = run_module(["hvdmri.bench", "--mode", "keras", "--cycle-time-ms", "5"], timeout=120)
+    assert run.returncode == 2
+    assert "--cycle-time-ms applies to --mode hvdmri only" in run.stderr
+
+
 def test_real_input_without_data_is_rejected():
     run = run_module(["hvdmri.bench", "--input", "real"], timeout=120)
     assert run.returncode == 2
@@ -166,7 +200,8 @@ def test_real_input_without_data_is_rejected():
 def test_compare_prints_lines_and_ratios(tmp_path):
     out = tmp_path / "bench.jsonl"
     run = run_module(["hvdmri.bench", *TINY, "--precision", "float32", "--out", str(out),
-                      "--config", "hvdmri=", "--config", "keras=--mode keras", "--ratio", "keras/hvdmri"],
+                      "--config", "hvdmri=--cycle-time-ms 7", "--config", "keras=--mode keras",
+                      "--ratio", "keras/hvdmri"],
                      timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
     lines = json_lines(run.stdout)
@@ -180,6 +215,9 @@ def test_compare_prints_lines_and_ratios(tmp_path):
         assert 0 < line["peak_rss_gib_per_worker"][0] < 8
     assert set(lines[0]["breakdown_s_per_worker"][0]) == {"input_wait", "compute", "allreduce", "update"}
     assert lines[1]["breakdown_s_per_worker"] == [None]
+    # The flag reached Horovod's environment; plain Keras runs no Horovod.
+    assert float(lines[0]["horovod_cycle_time_ms"]) == 7
+    assert lines[1]["horovod_cycle_time_ms"] is None
     table = [row for row in run.stdout.splitlines() if row.startswith("| ")]
     assert table[0].startswith("| configuration |")
     assert table[2].startswith("| hvdmri |")
@@ -188,6 +226,56 @@ def test_compare_prints_lines_and_ratios(tmp_path):
     keras_ratio = lines[1]["images_per_s"] / lines[0]["images_per_s"]
     assert table[4].startswith("| ratio of images/s | round 1 | median |")
     assert table[6] == f"| keras / hvdmri | {keras_ratio:.3f} | {keras_ratio:.3f} |"
+
+
+def alive(pid: int) -> bool:
+    """Return whether the process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def bench_workers(parent: int) -> list[int]:
+    pids = []
+    for pid in descendants(parent):
+        try:
+            if b"--worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.slow
+def test_sigterm_ends_comparison_and_children(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "hvdmri.bench", *TINY, "--np", "2", "--steps", "500",
+                                "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=clean_env(TMPDIR=str(tmp_path)))
+    deadline = time.time() + 300
+    while len(bench_workers(process.pid)) < 2:
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, "the two workers did not start within 300 s"
+        time.sleep(0.5)
+    children = descendants(process.pid)
+
+    try:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 128 + signal.SIGTERM, stderr
+        assert f"interrupted; the finished runs are in {out}" in stderr
+        # horovodrun's helpers stop the workers once horovodrun is gone; give them its 5 s and more.
+        deadline = time.time() + 60
+        while any(alive(pid) for pid in children) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not [pid for pid in children if alive(pid)]
+        assert not list(tmp_path.glob("hvdmri-bench-*"))
+    finally:
+        # A failed run must not leave workers behind for the rest of the suite.
+        for pid in children:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
@@ -208,13 +296,17 @@ def test_mwms_two_workers_report_both(tmp_path):
 
 @pytest.mark.slow
 def test_horovodrun_two_workers_report_both(tmp_path):
-    run = horovodrun(2, ["-m", "hvdmri.bench", *TINY, "--fp16-allreduce"], timeout=900)
+    run = horovodrun(2, ["-m", "hvdmri.bench", *TINY, "--fp16-allreduce"], timeout=900,
+                     extra=["--cycle-time-ms", "3"])
     assert run.returncode == 0, run.stdout + run.stderr
     lines = json_lines(run.stdout)
     assert len(lines) == 1
     line = lines[0]
     assert line["world_size"] == 2
+    assert line["np"] == 2
     assert line["fp16_allreduce"] is True
+    # horovodrun's flag wins over hvdmri's default.
+    assert float(line["horovod_cycle_time_ms"]) == 3
     assert len(line["images_per_s_per_worker"]) == 2
     assert line["images_per_s"] == pytest.approx(sum(line["images_per_s_per_worker"]), rel=1e-3)
     assert len(line["peak_rss_gib_per_worker"]) == 2

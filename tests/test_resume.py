@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HOROVODRUN, clean_env, horovodrun_argv
+from conftest import HOROVODRUN, clean_env, descendants, horovodrun_argv
 from hvdmri.data.synth import write_phantoms
 
 pytestmark = pytest.mark.slow
@@ -85,26 +85,6 @@ def test_changed_settings_do_not_resume(tmp_path, data):
                              capture_output=True, text=True, timeout=600, env=clean_env())
     assert changed.returncode == 2
     assert "--image-size 32 -> 40" in changed.stderr
-
-
-def descendants(parent: int) -> set[int]:
-    """Return the pids of every process below parent."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            # The parent pid is the 2nd field after the parenthesised command name.
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, stack = set(), [parent]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.add(child)
-            stack.append(child)
-    return found
 
 
 def worker_pids(parent: int) -> dict[int, int]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -38,7 +40,15 @@ def main(argv: list[str] | None = None) -> int:
         pairs = [parse_ratio(spec, names) for spec in args.ratio]
     except ValueError as error:
         parser.error(str(error))
-    lines = run_rounds(configs, args.repeats, args.out)
+    # SIGTERM ends the comparison like Ctrl-C, so the running child is stopped and the
+    # temporary folder removed instead of both outliving this process.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        lines = run_rounds(configs, args.repeats, args.out)
+    except KeyboardInterrupt as interrupt:
+        where = f"; the finished runs are in {args.out}" if args.out else ""
+        print(f"python -m hvdmri.bench: interrupted{where}", file=sys.stderr)
+        return 128 + (interrupt.args[0] if interrupt.args else signal.SIGINT)
     if len(configs) > 1:
         print(ratio_table(lines, names))
     else:
@@ -53,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         # The same runs as python -m hvdmri.memory would fit from the --out file.
         print(describe_fit(single_worker_runs(lines)))
     return 1 if any("error" in line for line in lines) else 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signum)
 
 
 def check_output_file(parser, out: str) -> None:
@@ -82,6 +96,8 @@ def run_as_worker(config, result: str | None, out: str | None = None) -> int:
 
         workers = hvd.allgather_object(measured, name="bench_results")
     if measured["rank"] == 0:
+        # Under a horovodrun started by hand, --np kept its default of 1; record horovodrun's -np.
+        config = dataclasses.replace(config, np=measured["world_size"])
         line = json.dumps(combine(config, workers))
         if result:
             Path(result).write_text(line)

@@ -37,6 +37,7 @@ def combine(config: BenchConfig, workers: list[dict]) -> dict:
         "peak_rss_gib_per_worker": [record["peak_rss_gib"] for record in workers],
         "load_average_start": chief["load_average_start"],
         "load_average_end": chief["load_average_end"],
+        "horovod_cycle_time_ms": chief.get("horovod_cycle_time_ms"),
         **{key: chief[key] for key in ("host", "cores", "cpu_bf16", "tensorflow", "horovod")},
     }
 

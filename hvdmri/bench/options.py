@@ -8,7 +8,8 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from hvdmri.cli import CommandParser, image_size, non_negative_int, positive_int
+from hvdmri.cli import CommandParser, image_size, non_negative_int, positive_float, positive_int
+from hvdmri.distributed import CYCLE_TIME_MS
 
 MODES = ("hvdmri", "keras", "mwms")
 CONFIG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -46,6 +47,7 @@ class BenchConfig:
     fp16_allreduce: bool = False
     augment: bool = False
     no_fused_relu: bool = False
+    cycle_time_ms: float | None = None
     warmup_steps: int = 3
     steps: int = 8
     breakdown_steps: int = 4
@@ -88,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-fused-relu", action="store_true",
                      help="keep TensorFlow's own ReLU and Add kernels in bf16 (hvdmri uses XLA-compiled "
                           "ones there; see hvdmri/fused_relu.py), to measure what they bring")
+    run.add_argument("--cycle-time-ms", type=positive_float, default=None,
+                     help="hvdmri mode: how often Horovod's background thread looks for tensors to "
+                          f"allreduce, in ms (HOROVOD_CYCLE_TIME) (default {CYCLE_TIME_MS}, as in hvdmri.train; "
+                          "Horovod's own is 1)")
     run.add_argument("--warmup-steps", type=positive_int, default=d.warmup_steps,
                      help=f"untimed steps first: graph tracing and memory allocation (default {d.warmup_steps})")
     run.add_argument("--steps", type=positive_int, default=d.steps,
@@ -149,6 +155,8 @@ def check_config(parser: argparse.ArgumentParser, config: BenchConfig) -> None:
         parser.error(f"{where}--mode keras runs one process; use --np 1 or --mode hvdmri/mwms")
     if config.fp16_allreduce and config.mode != "hvdmri":
         parser.error(f"{where}--fp16-allreduce applies to --mode hvdmri only")
+    if config.cycle_time_ms is not None and config.mode != "hvdmri":
+        parser.error(f"{where}--cycle-time-ms applies to --mode hvdmri only")
 
 
 def worker_argv(config: BenchConfig) -> list[str]:
@@ -168,4 +176,6 @@ def worker_argv(config: BenchConfig) -> list[str]:
         argv.append("--augment")
     if config.no_fused_relu:
         argv.append("--no-fused-relu")
+    if config.cycle_time_ms is not None:
+        argv += ["--cycle-time-ms", str(config.cycle_time_ms)]
     return argv

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 import time
+from pathlib import Path
 
 from hvdmri.bench.options import BenchConfig
 
@@ -43,6 +45,8 @@ def run_worker(config: BenchConfig) -> dict:
 
     return {"rank": rank, "world_size": world_size, "precision": precision, **measured,
             "load_average_start": load_start, "load_average_end": load_average(),
+            # What Horovod ran with: this flag, else horovodrun's or hvdmri's default (None without Horovod).
+            "horovod_cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME") if config.mode == "hvdmri" else None,
             "host": socket.gethostname(), "cores": os.cpu_count(), "cpu_bf16": cpu_has_bf16(),
             "tensorflow": tf.__version__, "horovod": horovod.__version__}
 
@@ -55,6 +59,9 @@ def start_workers(config: BenchConfig):
     if config.mode == "hvdmri":
         from hvdmri.distributed import setup_horovod
 
+        if config.cycle_time_ms is not None:
+            # Horovod reads it once, in hvd.init().
+            os.environ["HOROVOD_CYCLE_TIME"] = str(config.cycle_time_ms)
         workers = setup_horovod(config.threads)
         return workers.rank, workers.world_size, None
 
@@ -130,8 +137,14 @@ def _time_fit(config: BenchConfig, model, dataset) -> dict:
     if config.mode == "hvdmri":
         import horovod.tensorflow.keras as hvd
 
-        # The callbacks hvdmri.train runs at every step or epoch end, so their cost counts.
-        callbacks = [hvd.callbacks.BroadcastGlobalVariablesCallback(0), hvd.callbacks.MetricAverageCallback(),
+        from hvdmri.stopping import StopAtStepBoundary, StopRequest
+
+        # These are the callbacks hvdmri.train runs at every step or epoch end, so their
+        # cost counts. With several workers the stop check adds one allreduce per step.
+        # Its run folder is never created, so it never finds a STOP file.
+        no_run_dir = Path(tempfile.gettempdir()) / f"hvdmri-bench-no-run-{os.getpid()}"
+        callbacks = [StopAtStepBoundary(StopRequest(), no_run_dir, hvd.rank() == 0, hvd.size()),
+                     hvd.callbacks.BroadcastGlobalVariablesCallback(0), hvd.callbacks.MetricAverageCallback(),
                      timer]
     started = time.perf_counter()
     model.fit(dataset, epochs=1, steps_per_epoch=config.warmup_steps + config.steps, callbacks=callbacks,
