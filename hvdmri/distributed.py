@@ -7,6 +7,7 @@ with a NullHandler, so library code can log without checking its rank.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -54,8 +55,7 @@ def setup_horovod(threads: int | None = None) -> Workers:
     import horovod.tensorflow.keras as hvd
     import tensorflow as tf
 
-    # Read once by hvd.init(); horovodrun --cycle-time-ms or an exported HOROVOD_CYCLE_TIME wins.
-    os.environ.setdefault("HOROVOD_CYCLE_TIME", str(CYCLE_TIME_MS))
+    cycle_time = set_cycle_time()
     hvd.init()
     workers = Workers(hvd.rank(), hvd.local_rank(), hvd.size(), hvd.local_size())
 
@@ -66,10 +66,39 @@ def setup_horovod(threads: int | None = None) -> Workers:
     tf.config.threading.set_inter_op_parallelism_threads(2)
     setup_logging(workers.rank)
     get_logger().info(
-        "Horovod ready: world_size=%d, local_size=%d, %d intra-op threads per worker, cycle time %s ms",
-        workers.world_size, workers.local_size, threads, os.environ["HOROVOD_CYCLE_TIME"],
+        "Horovod ready: world_size=%d, local_size=%d, %d intra-op threads per worker, cycle time %s",
+        workers.world_size, workers.local_size, threads, cycle_time,
     )
     return workers
+
+
+def set_cycle_time() -> str:
+    """Set HOROVOD_CYCLE_TIME to hvdmri's default unless it is set, and return the value as log text.
+
+    Horovod reads the variable once, in hvd.init(). horovodrun's --cycle-time-ms sets it,
+    so that flag, or an exported value, wins over CYCLE_TIME_MS.
+
+    Raises:
+        UsageError: the variable is set but is not a number of milliseconds >= 0.
+    """
+    given = os.environ.get("HOROVOD_CYCLE_TIME")
+    if given is None:
+        if os.environ.get("HOROVOD_AUTOTUNE", "0") not in ("", "0"):
+            # Horovod treats a cycle time from the environment as fixed, and its
+            # autotuner (horovodrun --autotune) would then not tune it.
+            return "tuned by Horovod's autotuner"
+        os.environ["HOROVOD_CYCLE_TIME"] = str(CYCLE_TIME_MS)
+        return f"{CYCLE_TIME_MS} ms"
+    try:
+        milliseconds = float(given)
+    except ValueError:
+        milliseconds = math.nan
+    if not (math.isfinite(milliseconds) and milliseconds >= 0):
+        # Horovod would parse it with strtof and run with whatever that returns, 0 ms for
+        # text, so its background thread would never sleep.
+        raise UsageError(f"HOROVOD_CYCLE_TIME={given!r} is not a number of milliseconds >= 0; set a number "
+                         f"such as 10, or unset it to use hvdmri's {CYCLE_TIME_MS} ms")
+    return f"{milliseconds:g} ms"
 
 
 def setup_logging(rank: int, level: int = logging.INFO) -> logging.Logger:

@@ -163,25 +163,47 @@ def test_train_rejects_batch_over_budget(phantom_dir, tmp_path):
 
 
 SHOW_CYCLE_TIME = """
-import os
+import os, sys
+from hvdmri.cli import run_command
 from hvdmri.distributed import setup_horovod
-setup_horovod(1)
-print("HOROVOD_CYCLE_TIME=" + os.environ["HOROVOD_CYCLE_TIME"])
+status = run_command("setup", lambda: setup_horovod(1))
+print("HOROVOD_CYCLE_TIME=" + os.environ.get("HOROVOD_CYCLE_TIME", "unset"))
+sys.exit(status)
 """
 
 
-@pytest.mark.parametrize("exported", [None, "4"])
-def test_setup_horovod_sets_cycle_time_unless_given(exported):
+def run_setup_horovod(**variables: str) -> subprocess.CompletedProcess:
+    """Run setup_horovod in a fresh process with only these Horovod variables exported."""
     env = clean_env()
-    env.pop("HOROVOD_CYCLE_TIME", None)
-    if exported:
-        env["HOROVOD_CYCLE_TIME"] = exported
-    run = subprocess.run([sys.executable, "-c", SHOW_CYCLE_TIME], capture_output=True, text=True, timeout=120,
-                         env=env)
+    for name in ("HOROVOD_CYCLE_TIME", "HOROVOD_AUTOTUNE"):
+        env.pop(name, None)
+    env.update(variables)
+    return subprocess.run([sys.executable, "-c", SHOW_CYCLE_TIME], capture_output=True, text=True, timeout=120,
+                          env=env)
+
+
+@pytest.mark.parametrize("exported, logged", [(None, f"{CYCLE_TIME_MS} ms"), ("4", "4 ms"), ("0.5", "0.5 ms"),
+                                              ("0", "0 ms")])
+def test_setup_horovod_sets_cycle_time_unless_given(exported, logged):
+    run = run_setup_horovod(**({"HOROVOD_CYCLE_TIME": exported} if exported else {}))
     assert run.returncode == 0, run.stdout + run.stderr
-    expected = exported or str(CYCLE_TIME_MS)
-    assert f"HOROVOD_CYCLE_TIME={expected}\n" in run.stdout
-    assert f"cycle time {expected} ms" in run.stdout
+    assert f"HOROVOD_CYCLE_TIME={exported or CYCLE_TIME_MS}\n" in run.stdout
+    assert f"cycle time {logged}\n" in run.stdout
+
+
+@pytest.mark.parametrize("exported", ["abc", "", "-3", "25ms", "nan"])
+def test_setup_horovod_rejects_bad_cycle_time(exported):
+    # Horovod itself would read each of these as some number, mostly 0 ms.
+    run = run_setup_horovod(HOROVOD_CYCLE_TIME=exported)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert f"setup: error: HOROVOD_CYCLE_TIME={exported!r} is not a number of milliseconds >= 0" in run.stderr
+
+
+def test_setup_horovod_leaves_cycle_time_to_autotune():
+    run = run_setup_horovod(HOROVOD_AUTOTUNE="1")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "HOROVOD_CYCLE_TIME=unset\n" in run.stdout
+    assert "cycle time tuned by Horovod's autotuner" in run.stdout
 
 
 def test_cycle_time_only_with_horovod():
@@ -216,7 +238,7 @@ def test_compare_prints_lines_and_ratios(tmp_path):
     assert set(lines[0]["breakdown_s_per_worker"][0]) == {"input_wait", "compute", "allreduce", "update"}
     assert lines[1]["breakdown_s_per_worker"] == [None]
     # The flag reached Horovod's environment; plain Keras runs no Horovod.
-    assert float(lines[0]["horovod_cycle_time_ms"]) == 7
+    assert lines[0]["horovod_cycle_time_ms"] == 7
     assert lines[1]["horovod_cycle_time_ms"] is None
     table = [row for row in run.stdout.splitlines() if row.startswith("| ")]
     assert table[0].startswith("| configuration |")
@@ -306,7 +328,7 @@ def test_horovodrun_two_workers_report_both(tmp_path):
     assert line["np"] == 2
     assert line["fp16_allreduce"] is True
     # horovodrun's flag wins over hvdmri's default.
-    assert float(line["horovod_cycle_time_ms"]) == 3
+    assert line["horovod_cycle_time_ms"] == 3
     assert len(line["images_per_s_per_worker"]) == 2
     assert line["images_per_s"] == pytest.approx(sum(line["images_per_s_per_worker"]), rel=1e-3)
     assert len(line["peak_rss_gib_per_worker"]) == 2

@@ -8,7 +8,7 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from hvdmri.cli import CommandParser, image_size, non_negative_int, positive_float, positive_int
+from hvdmri.cli import CommandParser, image_size, non_negative_float, non_negative_int, positive_int
 from hvdmri.distributed import CYCLE_TIME_MS
 
 MODES = ("hvdmri", "keras", "mwms")
@@ -90,10 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-fused-relu", action="store_true",
                      help="keep TensorFlow's own ReLU and Add kernels in bf16 (hvdmri uses XLA-compiled "
                           "ones there; see hvdmri/fused_relu.py), to measure what they bring")
-    run.add_argument("--cycle-time-ms", type=positive_float, default=None,
+    run.add_argument("--cycle-time-ms", type=non_negative_float, default=None,
                      help="hvdmri mode: how often Horovod's background thread looks for tensors to "
-                          f"allreduce, in ms (HOROVOD_CYCLE_TIME) (default {CYCLE_TIME_MS}, as in hvdmri.train; "
-                          "Horovod's own is 1)")
+                          "allreduce, in ms (HOROVOD_CYCLE_TIME). Default: as in hvdmri.train, horovodrun's "
+                          f"--cycle-time-ms or an exported HOROVOD_CYCLE_TIME if set, else {CYCLE_TIME_MS} "
+                          "(Horovod's own default is 1)")
     run.add_argument("--warmup-steps", type=positive_int, default=d.warmup_steps,
                      help=f"untimed steps first: graph tracing and memory allocation (default {d.warmup_steps})")
     run.add_argument("--steps", type=positive_int, default=d.steps,

@@ -45,8 +45,10 @@ def run_worker(config: BenchConfig) -> dict:
 
     return {"rank": rank, "world_size": world_size, "precision": precision, **measured,
             "load_average_start": load_start, "load_average_end": load_average(),
-            # What Horovod ran with: this flag, else horovodrun's or hvdmri's default (None without Horovod).
-            "horovod_cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME") if config.mode == "hvdmri" else None,
+            # What Horovod ran with: this flag, else horovodrun's or hvdmri's default. None
+            # without Horovod, or when Horovod's autotuner chose it.
+            "horovod_cycle_time_ms": float(os.environ["HOROVOD_CYCLE_TIME"])
+            if config.mode == "hvdmri" and "HOROVOD_CYCLE_TIME" in os.environ else None,
             "host": socket.gethostname(), "cores": os.cpu_count(), "cpu_bf16": cpu_has_bf16(),
             "tensorflow": tf.__version__, "horovod": horovod.__version__}
 
