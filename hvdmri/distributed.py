@@ -7,8 +7,8 @@ with a NullHandler, so library code can log without checking its rank.
 from __future__ import annotations
 
 import logging
-import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -20,6 +20,9 @@ LOGGER_NAME = "hvdmri"
 # as fast on an emulated 1 Gbit/s link (docs/BENCHMARKS.md, "Horovod's cycle time").
 # The price is that each collective may wait up to one cycle.
 CYCLE_TIME_MS = 10
+# Every collective can wait up to one cycle, so a cycle of seconds would stall training.
+MAX_CYCLE_TIME_MS = 1000
+PLAIN_DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
 T = TypeVar("T")
 
 
@@ -79,26 +82,30 @@ def set_cycle_time() -> str:
     so that flag, or an exported value, wins over CYCLE_TIME_MS.
 
     Raises:
-        UsageError: the variable is set but is not a number of milliseconds >= 0.
+        UsageError: the variable is set but is not a plain decimal number of milliseconds
+            from 0 to MAX_CYCLE_TIME_MS.
     """
     given = os.environ.get("HOROVOD_CYCLE_TIME")
     if given is None:
-        if os.environ.get("HOROVOD_AUTOTUNE", "0") not in ("", "0"):
+        if horovod_flag_on(os.environ.get("HOROVOD_AUTOTUNE", "")):
             # Horovod treats a cycle time from the environment as fixed, and its
             # autotuner (horovodrun --autotune) would then not tune it.
             return "tuned by Horovod's autotuner"
         os.environ["HOROVOD_CYCLE_TIME"] = str(CYCLE_TIME_MS)
         return f"{CYCLE_TIME_MS} ms"
-    try:
-        milliseconds = float(given)
-    except ValueError:
-        milliseconds = math.nan
-    if not (math.isfinite(milliseconds) and milliseconds >= 0):
-        # Horovod would parse it with strtof and run with whatever that returns, 0 ms for
-        # text, so its background thread would never sleep.
-        raise UsageError(f"HOROVOD_CYCLE_TIME={given!r} is not a number of milliseconds >= 0; set a number "
+    # Horovod parses the value with C's strtof and uses whatever prefix it reads, 0 for
+    # text. Only plain decimals mean the same to strtof and to Python, so only they pass.
+    if not PLAIN_DECIMAL.fullmatch(given) or float(given) > MAX_CYCLE_TIME_MS:
+        raise UsageError(f"HOROVOD_CYCLE_TIME={given!r} is not a number of milliseconds from 0 to "
+                         f"{MAX_CYCLE_TIME_MS} written with digits and an optional decimal point; set one "
                          f"such as 10, or unset it to use hvdmri's {CYCLE_TIME_MS} ms")
-    return f"{milliseconds:g} ms"
+    return f"{float(given):g} ms"
+
+
+def horovod_flag_on(value: str) -> bool:
+    """Read a Horovod on/off variable as Horovod's operations.cc does: on when strtol(value) > 0."""
+    leading = re.match(r"\s*[+-]?[0-9]+", value)
+    return leading is not None and int(leading.group()) > 0
 
 
 def setup_logging(rank: int, level: int = logging.INFO) -> logging.Logger:

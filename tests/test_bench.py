@@ -191,19 +191,28 @@ def test_setup_horovod_sets_cycle_time_unless_given(exported, logged):
     assert f"cycle time {logged}\n" in run.stdout
 
 
-@pytest.mark.parametrize("exported", ["abc", "", "-3", "25ms", "nan"])
+# Horovod's strtof reads each of these as another number than Python's float() (0 for text,
+# 1 for "1_000", inf for "1e39"), or the cycle would stall every collective (1001 ms).
+@pytest.mark.parametrize("exported", ["abc", "", "-3", "-0", "25ms", "nan", "inf", "1_000", "\uff14", "1e39",
+                                      "1001"])
 def test_setup_horovod_rejects_bad_cycle_time(exported):
-    # Horovod itself would read each of these as some number, mostly 0 ms.
     run = run_setup_horovod(HOROVOD_CYCLE_TIME=exported)
     assert run.returncode == 2, run.stdout + run.stderr
-    assert f"setup: error: HOROVOD_CYCLE_TIME={exported!r} is not a number of milliseconds >= 0" in run.stderr
+    assert f"setup: error: HOROVOD_CYCLE_TIME={exported!r} is not a number of milliseconds from 0 to 1000" \
+        in run.stderr
 
 
-def test_setup_horovod_leaves_cycle_time_to_autotune():
-    run = run_setup_horovod(HOROVOD_AUTOTUNE="1")
+@pytest.mark.parametrize("autotune, on", [("1", True), ("2", True), ("0", False), ("false", False), ("-1", False)])
+def test_setup_horovod_cycle_time_with_autotune(autotune, on):
+    # Horovod's autotuner runs when strtol(HOROVOD_AUTOTUNE) > 0; only then is the cycle left to it.
+    run = run_setup_horovod(HOROVOD_AUTOTUNE=autotune)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "HOROVOD_CYCLE_TIME=unset\n" in run.stdout
-    assert "cycle time tuned by Horovod's autotuner" in run.stdout
+    if on:
+        assert "HOROVOD_CYCLE_TIME=unset\n" in run.stdout
+        assert "cycle time tuned by Horovod's autotuner" in run.stdout
+    else:
+        assert f"HOROVOD_CYCLE_TIME={CYCLE_TIME_MS}\n" in run.stdout
+        assert f"cycle time {CYCLE_TIME_MS} ms" in run.stdout
 
 
 def test_cycle_time_only_with_horovod():
