@@ -15,9 +15,9 @@ from typing import Any, Callable, TypeVar
 
 LOGGER_NAME = "hvdmri"
 # How often Horovod's background thread looks for tensors ready to allreduce, in ms.
-# Horovod's default is 1 ms. On CPU nodes that thread shares the cores with training,
-# and 10 ms trained faster than 1 ms with one worker and with two on a 2-core node, and
-# as fast on an emulated 1 Gbit/s link (docs/BENCHMARKS.md, "Horovod's cycle time").
+# Horovod's default is 1 ms. On CPU nodes that thread shares the cores with training.
+# On a 2-core node 10 ms trained faster than 1 ms with one worker and with two, and as
+# fast on an emulated 1 Gbit/s link (docs/BENCHMARKS.md, "Horovod's cycle time").
 # The price is that each collective may wait up to one cycle.
 CYCLE_TIME_MS = 10
 # Every collective can wait up to one cycle, so a cycle of seconds would stall training.
@@ -85,8 +85,8 @@ def set_cycle_time() -> str:
         UsageError: the variable is set but is not a plain decimal number of milliseconds
             from 0 to MAX_CYCLE_TIME_MS.
     """
-    given = os.environ.get("HOROVOD_CYCLE_TIME")
-    if given is None:
+    setting = os.environ.get("HOROVOD_CYCLE_TIME")
+    if setting is None:
         if horovod_flag_on(os.environ.get("HOROVOD_AUTOTUNE", "")):
             # Horovod treats a cycle time from the environment as fixed, and its
             # autotuner (horovodrun --autotune) would then not tune it.
@@ -95,11 +95,11 @@ def set_cycle_time() -> str:
         return f"{CYCLE_TIME_MS} ms"
     # Horovod parses the value with C's strtof and uses whatever prefix it reads, 0 for
     # text. Only plain decimals mean the same to strtof and to Python, so only they pass.
-    if not PLAIN_DECIMAL.fullmatch(given) or float(given) > MAX_CYCLE_TIME_MS:
-        raise UsageError(f"HOROVOD_CYCLE_TIME={given!r} is not a number of milliseconds from 0 to "
+    if not PLAIN_DECIMAL.fullmatch(setting) or float(setting) > MAX_CYCLE_TIME_MS:
+        raise UsageError(f"HOROVOD_CYCLE_TIME={setting!r} is not a number of milliseconds from 0 to "
                          f"{MAX_CYCLE_TIME_MS} written with digits and an optional decimal point; set one "
                          f"such as 10, or unset it to use hvdmri's {CYCLE_TIME_MS} ms")
-    return f"{float(given):g} ms"
+    return f"{float(setting):g} ms"
 
 
 def horovod_flag_on(value: str) -> bool:

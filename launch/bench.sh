@@ -22,11 +22,12 @@
 #   python -m hvdmri.bench.scaling bench-compare.jsonl bench-precision.jsonl
 set -euo pipefail
 
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+
 what="${1:-}"
 case "$what" in
-  -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-  "") sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2
-      echo "bench.sh: name the run: memory, compare, precision or link" >&2; exit 2 ;;
+  -h|--help) usage; exit 0 ;;
+  "") usage >&2; echo "bench.sh: name the run: memory, compare, precision or link" >&2; exit 2 ;;
   memory|compare|precision|link) ;;
   *) echo "bench.sh: unknown run '$what'; expected memory, compare, precision or link (see --help)" >&2; exit 2 ;;
 esac

@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lines = run_rounds(configs, args.repeats, args.out)
     except KeyboardInterrupt as interrupt:
-        where = f"; the finished runs are in {args.out}" if args.out else ""
-        print(f"python -m hvdmri.bench: interrupted{where}", file=sys.stderr)
+        finished_runs = f"; the finished runs are in {args.out}" if args.out else ""
+        print(f"python -m hvdmri.bench: interrupted{finished_runs}", file=sys.stderr)
         return 128 + (interrupt.args[0] if interrupt.args else signal.SIGINT)
     if len(configs) > 1:
         print(ratio_table(lines, names))
@@ -96,7 +96,7 @@ def run_as_worker(config, result: str | None, out: str | None = None) -> int:
 
         workers = hvd.allgather_object(measured, name="bench_results")
     if measured["rank"] == 0:
-        # Under a horovodrun started by hand, --np kept its default of 1; record horovodrun's -np.
+        # Under a horovodrun started by hand, --np keeps its default of 1, so record horovodrun's -np.
         config = dataclasses.replace(config, np=measured["world_size"])
         line = json.dumps(combine(config, workers))
         if result:
